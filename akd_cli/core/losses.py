@@ -1,0 +1,327 @@
+"""Feature-distillation base losses for one feature level, in pure torch.
+
+Every loss is written per image: ``per_image(prepared_student, teacher) -> (N,)``, whose sum over
+the batch is the loss. That lets the uncertainty factor weight Avatars image by image.
+
+Losses that are *linear in a teacher-side term* (``fusable = True``) also split into
+``target(teacher) -> phi`` (the teacher-side term), ``target_constant(phi) -> (N,)`` (the part that
+does not involve the student) and ``fused(prepared_student, phi_bar, constant_bar) -> (N,)``.
+Because sum_k g_k L(s, a_k) = fused(s, sum_k g_k phi(a_k), sum_k g_k c(phi(a_k))) whenever the
+weights g_k sum to one, any number of Avatars costs one student-side evaluation and one running
+teacher-side accumulator: peak memory does not grow with the number of Avatars.
+
+Defaults follow the methods' own public COCO configurations (see the README).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BaseLoss(nn.Module):
+    """One level of a feature-distillation loss between student and teacher (N x C x H x W)."""
+
+    fusable = False
+    needs_channels = False
+
+    def prepare_student(self, student: torch.Tensor, **context) -> torch.Tensor:
+        """Student-side work done once per call, shared by all Avatars (e.g. MGD's generation)."""
+        return student
+
+    def per_image(self, prepared: torch.Tensor, teacher: torch.Tensor, **context) -> torch.Tensor:
+        if not self.fusable:
+            raise NotImplementedError
+        phi = self.target(teacher, **context)
+        return self.fused(prepared, phi, self.target_constant(phi, **context), **context)
+
+    # fusable losses only
+    def target(self, teacher: torch.Tensor, **context) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target_constant(self, phi: torch.Tensor, **context) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fused(self, prepared: torch.Tensor, phi: torch.Tensor, constant: torch.Tensor,
+              **context) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, **context) -> torch.Tensor:
+        return self.per_image(self.prepare_student(student, **context), teacher, **context).sum()
+
+
+class CWDLoss(BaseLoss):
+    """Channel-wise distillation (Shu et al., 2021).
+
+    For every (image, channel): KL(softmax(T / tau) || softmax(S / tau)) over the H*W positions,
+    times tau^2; summed, divided by N*C, times ``loss_weight``. Fusable: the Avatars' spatial
+    distributions are averaged (weighted) before the student's log-probabilities meet them.
+    """
+
+    fusable = True
+
+    def __init__(self, tau: float = 1.0, loss_weight: float = 10.0):
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"cwd: tau must be > 0, got {tau}")
+        self.tau, self.loss_weight = tau, loss_weight
+
+    def _scale(self, x: torch.Tensor) -> float:
+        return self.loss_weight * self.tau ** 2 / (x.shape[0] * x.shape[1])
+
+    def prepare_student(self, student, **context):
+        return F.log_softmax(student.flatten(2) / self.tau, dim=2)
+
+    def target(self, teacher, **context):
+        return F.softmax(teacher.flatten(2) / self.tau, dim=2)
+
+    def target_constant(self, phi, **context):
+        return torch.xlogy(phi, phi).sum(dim=(1, 2)).double() * self._scale(phi)
+
+    def fused(self, prepared, phi, constant, **context):
+        cross = (phi * prepared).sum(dim=(1, 2)) * self._scale(prepared)
+        return constant.to(cross.dtype) - cross
+
+
+class MSELoss(BaseLoss):
+    """Mean squared error over all elements, times ``loss_weight``. Fusable through
+    sum_k g_k |s - a_k|^2 = |s - a_bar|^2 + (sum_k g_k |a_k|^2 - |a_bar|^2): the weighted mean Avatar
+    plus a constant (the Avatars' spread, computed in float64)."""
+
+    fusable = True
+
+    def __init__(self, loss_weight: float = 1.0):
+        super().__init__()
+        self.loss_weight = loss_weight
+
+    def _scale(self, x: torch.Tensor) -> float:
+        return self.loss_weight / x.numel()
+
+    def target(self, teacher, **context):
+        return teacher
+
+    def target_constant(self, phi, **context):
+        return phi.double().pow(2).flatten(1).sum(dim=1)
+
+    def fused(self, prepared, phi, constant, **context):
+        spread = (constant - phi.double().pow(2).flatten(1).sum(dim=1)).clamp_min(0.0)
+        squared = (prepared - phi).pow(2).flatten(1).sum(dim=1)
+        return (squared + spread.to(squared.dtype)) * self._scale(prepared)
+
+
+def _pearson_normalise(x: torch.Tensor) -> torch.Tensor:
+    """PKD's normalisation: each channel to zero mean, unit std over the batch and positions."""
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True)
+    return (x - mean) / (std + 1e-6)
+
+
+class PKDLoss(MSELoss):
+    """Pearson-correlation distillation (Cao et al., 2022): MSE between the channel-normalised
+    student and teacher, halved, times ``loss_weight``. Fusable like MSE (on normalised Avatars)."""
+
+    def __init__(self, loss_weight: float = 6.0):
+        super().__init__(loss_weight=loss_weight)
+
+    def _scale(self, x):
+        return self.loss_weight / (2.0 * x.numel())
+
+    def prepare_student(self, student, **context):
+        return _pearson_normalise(student)
+
+    def target(self, teacher, **context):
+        return _pearson_normalise(teacher)
+
+
+class MGDLoss(MSELoss):
+    """Masked generative distillation (Yang et al., 2022).
+
+    A random spatial mask drops each student position with probability ``lambda_mgd``; a generation
+    block (conv3x3-ReLU-conv3x3) regenerates the feature, whose summed squared error to the teacher
+    is divided by N and times ``alpha_mgd``. The mask is drawn once per call and shared by all
+    Avatars, so the Avatars are fused like MSE against one generated student feature.
+    """
+
+    needs_channels = True
+
+    def __init__(self, channels: int, alpha_mgd: float = 2e-5, lambda_mgd: float = 0.65):
+        super().__init__(loss_weight=alpha_mgd)
+        if not 0.0 <= lambda_mgd < 1.0:
+            raise ValueError(f"mgd: lambda_mgd must be in [0, 1), got {lambda_mgd}")
+        self.alpha_mgd, self.lambda_mgd = alpha_mgd, lambda_mgd
+        self.generation = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1))
+
+    def _scale(self, x):
+        return self.alpha_mgd / x.shape[0]
+
+    def prepare_student(self, student, **context):
+        n, _, h, w = student.shape
+        keep = (torch.rand((n, 1, h, w), device=student.device) >= self.lambda_mgd).to(student.dtype)
+        return self.generation(student * keep)
+
+
+class MasKDLoss(BaseLoss):
+    """Masked distillation with receptive tokens (Huang et al., 2022), distillation stage.
+
+    ``num_tokens`` tokens (M x C) turn the teacher feature into soft masks
+    m = sigmoid(<token, T[:, :, h, w]> / sqrt(C)); each mask weights the squared error per position,
+    normalised by the mask's mass: e_m = sum_hw m * sum_c (S - T)^2 / (sum_hw m + 1e-6). The loss is
+    sum_{n,m} e_m / (N * M * C) times ``loss_weight``.
+
+    The tokens come from MasKD's separate token-learning stage: pass ``token_file`` (a tensor of
+    shape M x C, or a state dict holding one, loaded with weights_only=True). Without it, fixed
+    random tokens (seeded, not trained) stand in; akd does not run the token-learning stage.
+    Not fusable: the masks depend non-linearly on each Avatar, so Avatars are looped and peak
+    memory grows with their number.
+    """
+
+    needs_channels = True
+
+    def __init__(self, channels: int, num_tokens: int = 6, loss_weight: float = 10.0,
+                 token_file: Optional[str] = None, token_seed: int = 0):
+        super().__init__()
+        self.loss_weight = loss_weight
+        if token_file:
+            tokens = _load_tokens(token_file, num_tokens, channels)
+        else:
+            generator = torch.Generator().manual_seed(token_seed)
+            tokens = torch.randn(num_tokens, channels, generator=generator)
+        self.register_buffer("tokens", tokens.float())
+
+    def masks(self, teacher: torch.Tensor) -> torch.Tensor:
+        logits = torch.einsum("nchw,mc->nmhw", teacher, self.tokens.to(teacher.dtype))
+        return torch.sigmoid(logits / math.sqrt(teacher.shape[1]))
+
+    def per_image(self, prepared, teacher, **context):
+        n, c = teacher.shape[:2]
+        masks = self.masks(teacher)                                     # N x M x H x W
+        error = (prepared - teacher).pow(2).sum(dim=1, keepdim=True)    # N x 1 x H x W
+        per_mask = (masks * error).sum(dim=(2, 3)) / (masks.sum(dim=(2, 3)) + 1e-6)
+        return per_mask.sum(dim=1) * self.loss_weight / (n * masks.shape[1] * c)
+
+
+def _load_tokens(path: str, num_tokens: int, channels: int) -> torch.Tensor:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict):
+        candidates = [v for v in state.values() if torch.is_tensor(v) and v.dim() == 2]
+        if len(candidates) != 1:
+            raise ValueError(f"maskd: {path} must hold one M x C token tensor, found {len(candidates)}")
+        state = candidates[0]
+    if tuple(state.shape) != (num_tokens, channels):
+        raise ValueError(f"maskd: tokens in {path} have shape {tuple(state.shape)}, "
+                         f"expected ({num_tokens}, {channels})")
+    return state
+
+
+class FGDLoss(BaseLoss):
+    """Focal and global distillation (Yang et al., 2022).
+
+    Needs the ground-truth boxes: pass ``gt_bboxes`` (one K_i x 4 tensor of x1, y1, x2, y2 input-image
+    pixels per image) and ``img_shape`` ((H, W) of the padded input batch) as context. Terms:
+    foreground and background feature imitation weighted by the teacher's spatial and channel
+    attention (``alpha_fgd``, ``beta_fgd``), attention imitation (``gamma_fgd``) and global relation
+    imitation through GcBlocks (``lambda_fgd``). Not fusable: the attention and the teacher-side
+    GcBlock depend non-linearly on each Avatar (and the GcBlock is trained), so Avatars are looped and
+    peak memory grows with their number.
+    """
+
+    needs_channels = True
+
+    def __init__(self, channels: int, temp: float = 0.5, alpha_fgd: float = 1e-3, beta_fgd: float = 5e-4,
+                 gamma_fgd: float = 5e-4, lambda_fgd: float = 5e-6):
+        super().__init__()
+        self.temp, self.alpha_fgd, self.beta_fgd = temp, alpha_fgd, beta_fgd
+        self.gamma_fgd, self.lambda_fgd = gamma_fgd, lambda_fgd
+        self.conv_mask_s = nn.Conv2d(channels, 1, 1)
+        self.conv_mask_t = nn.Conv2d(channels, 1, 1)
+        hidden = max(channels // 2, 1)
+
+        def channel_add():
+            return nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.LayerNorm([hidden, 1, 1]),
+                                 nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+
+        self.channel_add_s, self.channel_add_t = channel_add(), channel_add()
+
+    def _attention(self, x: torch.Tensor):
+        n, c, h, w = x.shape
+        value = x.abs()
+        spatial = h * w * F.softmax((value.mean(dim=1) / self.temp).view(n, -1), dim=1).view(n, h, w)
+        channel = c * F.softmax(value.mean(dim=(2, 3)) / self.temp, dim=1)
+        return spatial, channel
+
+    def _masks(self, teacher, gt_bboxes, img_shape):
+        n, _, h, w = teacher.shape
+        fg = teacher.new_zeros((n, h, w))
+        bg = teacher.new_ones((n, h, w))
+        img_h, img_w = img_shape[:2]
+        for i, boxes in enumerate(gt_bboxes):
+            boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            for x1, y1, x2, y2 in boxes.tolist():
+                w0, w1 = int(math.floor(x1 * w / img_w)), int(math.ceil(x2 * w / img_w))
+                h0, h1 = int(math.floor(y1 * h / img_h)), int(math.ceil(y2 * h / img_h))
+                area = 1.0 / (h1 + 1 - h0) / (w1 + 1 - w0)
+                region = fg[i, max(h0, 0):h1 + 1, max(w0, 0):w1 + 1]
+                region.clamp_(min=area)
+            bg[i] = (fg[i] <= 0).to(bg.dtype)
+            total = bg[i].sum()
+            if total > 0:
+                bg[i] /= total
+        return fg, bg
+
+    def _global(self, x, conv_mask, channel_add):
+        n, c, h, w = x.shape
+        attention = F.softmax(conv_mask(x).view(n, 1, h * w), dim=2)             # N x 1 x HW
+        context = torch.bmm(x.view(n, c, h * w), attention.transpose(1, 2))       # N x C x 1
+        return x + channel_add(context.view(n, c, 1, 1))
+
+    def per_image(self, prepared, teacher, gt_bboxes=None, img_shape=None, **context):
+        if gt_bboxes is None or img_shape is None:
+            raise ValueError("fgd needs the ground-truth boxes: pass gt_bboxes=[...] and img_shape=(H, W)")
+        if len(gt_bboxes) != teacher.shape[0]:
+            raise ValueError(f"fgd: {len(gt_bboxes)} box lists for a batch of {teacher.shape[0]} images")
+        s_spatial, s_channel = self._attention(prepared)
+        t_spatial, t_channel = self._attention(teacher)
+        fg, bg = self._masks(teacher, gt_bboxes, img_shape)
+        weight = (t_spatial.unsqueeze(1) * t_channel[:, :, None, None])           # N x C x H x W
+        error = (prepared - teacher).pow(2) * weight
+        fg_loss = (error * fg.unsqueeze(1)).sum(dim=(1, 2, 3))
+        bg_loss = (error * bg.unsqueeze(1)).sum(dim=(1, 2, 3))
+        attention_loss = ((s_channel - t_channel).abs().sum(dim=1)
+                          + (s_spatial - t_spatial).abs().sum(dim=(1, 2)))
+        relation = (self._global(prepared, self.conv_mask_s, self.channel_add_s)
+                    - self._global(teacher, self.conv_mask_t, self.channel_add_t)).pow(2).sum(dim=(1, 2, 3))
+        total = (self.alpha_fgd * fg_loss + self.beta_fgd * bg_loss
+                 + self.gamma_fgd * attention_loss + self.lambda_fgd * relation)
+        return total / teacher.shape[0]
+
+
+BASE_LOSSES: Dict[str, Type[BaseLoss]] = {
+    "cwd": CWDLoss, "mgd": MGDLoss, "maskd": MasKDLoss, "fgd": FGDLoss, "pkd": PKDLoss, "mse": MSELoss,
+}
+
+
+def build_base_losses(name: str, num_levels: Optional[int], channels, **kwargs) -> nn.ModuleList:
+    """One base-loss module per level for losses with parameters, one shared module otherwise."""
+    if name not in BASE_LOSSES:
+        raise ValueError(f"unknown base loss {name!r}; expected one of {sorted(BASE_LOSSES)}")
+    cls = BASE_LOSSES[name]
+    try:
+        if not cls.needs_channels:
+            return nn.ModuleList([cls(**kwargs)])
+        if channels is None:
+            raise ValueError(f"{name} has parameters per level: pass channels=[C per level] "
+                             "(or channels=C with num_levels=L)")
+        per_level: Sequence[int] = ([channels] * (num_levels or 1) if isinstance(channels, int)
+                                    else list(channels))
+        return nn.ModuleList([cls(channels=c, **kwargs) for c in per_level])
+    except TypeError as exc:
+        import inspect
+
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "channels")]
+        raise ValueError(f"{name}: {exc}; accepted options: {', '.join(accepted)}") from None
