@@ -1,0 +1,350 @@
+"""The pure-torch AKD core: values, equivalences, gradients, determinism, cost and bad input."""
+import math
+
+import pytest
+import torch
+
+from akd_cli import AKDLoss
+from akd_cli.core import BASE_LOSSES, make_avatar
+from akd_cli.core.losses import CWDLoss, FGDLoss, MasKDLoss, MGDLoss, MSELoss, PKDLoss
+from akd_cli.core.uncertainty import avatar_uncertainty, standardise
+
+CHANNELS, LEVELS = 8, 2
+
+
+def base_kwargs(base):
+    return {"channels": CHANNELS, "num_levels": LEVELS} if BASE_LOSSES[base].needs_channels else {}
+
+
+def context(base, n=2):
+    if base != "fgd":
+        return {}
+    boxes = [torch.tensor([[4.0, 4.0, 30.0, 20.0]]), torch.tensor([[0.0, 10.0, 16.0, 40.0], [20, 2, 38, 12]])]
+    return {"gt_bboxes": boxes[:n], "img_shape": (48, 40)}
+
+
+def features(seed=0, n=2, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(n, CHANNELS, 12, 10), (n, CHANNELS, 6, 5)]
+    student = [torch.randn(s, generator=g).requires_grad_(requires_grad) for s in shapes]
+    teacher = [torch.randn(s, generator=g) * 2 + 0.5 for s in shapes]
+    return student, teacher
+
+
+# --- hand-computed values ----------------------------------------------------------------------
+
+def test_cwd_matches_hand_computed_kl():
+    student = torch.zeros(1, 1, 1, 2)
+    teacher = torch.tensor([0.0, math.log(3.0)]).view(1, 1, 1, 2)
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert CWDLoss(tau=1.0, loss_weight=1.0)(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    # tau = 2: softmax of [0, ln 3] / 2 is [1, sqrt 3] / (1 + sqrt 3); times tau^2 and the weight 3
+    p = [1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))]
+    expected_tau2 = 3 * 4 * sum(pi * math.log(pi / 0.5) for pi in p)
+    assert CWDLoss(tau=2.0, loss_weight=3.0)(student, teacher).item() == pytest.approx(expected_tau2, rel=1e-5)
+
+
+def test_cwd_divides_by_images_and_channels():
+    student = torch.zeros(2, 3, 1, 2)
+    teacher = torch.tensor([0.0, math.log(3.0)]).view(1, 1, 1, 2).expand(2, 3, 1, 2)
+    per_pair = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert CWDLoss(loss_weight=1.0)(student, teacher).item() == pytest.approx(per_pair, rel=1e-5)
+
+
+def test_mse_matches_hand_computed_value():
+    student = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    assert MSELoss(loss_weight=2.0)(student, torch.zeros_like(student)).item() == pytest.approx(15.0)
+
+
+def test_pkd_matches_hand_computed_value():
+    student = torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 1, 3)   # mean 2, std 1 -> [-1, 0, 1]
+    teacher = torch.tensor([1.0, 1.0, 4.0]).view(1, 1, 1, 3)   # mean 2, std sqrt 3
+    r3 = math.sqrt(3.0)
+    normalised_teacher = [-1 / r3, -1 / r3, 2 / r3]
+    mse = sum((a - b) ** 2 for a, b in zip([-1, 0, 1], normalised_teacher)) / 3
+    assert PKDLoss(loss_weight=4.0)(student, teacher).item() == pytest.approx(4.0 * mse / 2, rel=1e-5)
+
+
+def _identity_generation(mgd):
+    with torch.no_grad():
+        for conv in (mgd.generation[0], mgd.generation[2]):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for c in range(conv.weight.shape[0]):
+                conv.weight[c, c, 1, 1] = 1.0
+
+
+def test_mgd_matches_hand_computed_value_with_identity_generation():
+    mgd = MGDLoss(channels=2, alpha_mgd=0.5, lambda_mgd=0.0)
+    _identity_generation(mgd)
+    student = torch.rand(2, 2, 3, 3) + 0.1                     # positive: the ReLU keeps it
+    teacher = torch.randn(2, 2, 3, 3)
+    expected = 0.5 * ((student - teacher) ** 2).sum().item() / 2
+    assert mgd(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mgd_masks_positions_with_probability_lambda():
+    mgd = MGDLoss(channels=2, alpha_mgd=1.0, lambda_mgd=0.5)
+    _identity_generation(mgd)
+    student, teacher = torch.rand(1, 2, 4, 4) + 0.1, torch.zeros(1, 2, 4, 4)
+    torch.manual_seed(3)
+    keep = (torch.rand(1, 1, 4, 4) >= 0.5).float()
+    torch.manual_seed(3)
+    assert mgd(student, teacher).item() == pytest.approx(((student * keep) ** 2).sum().item(), rel=1e-5)
+
+
+def test_maskd_with_zero_token_is_the_positionwise_mean_error(tmp_path):
+    token_file = tmp_path / "tokens.pth"
+    torch.save({"mask_tokens": torch.zeros(1, 2)}, token_file)
+    loss = MasKDLoss(channels=2, num_tokens=1, loss_weight=2.0, token_file=str(token_file))
+    student, teacher = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    error_per_position = ((student - teacher) ** 2).sum(dim=1)  # sigmoid(0) = 1/2 everywhere
+    expected = 2.0 * (0.5 * error_per_position).sum().item() / (0.5 * 12 + 1e-6) / (1 * 1 * 2)
+    assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_maskd_rejects_tokens_of_the_wrong_shape(tmp_path):
+    token_file = tmp_path / "tokens.pth"
+    torch.save(torch.zeros(3, 5), token_file)
+    with pytest.raises(ValueError, match=r"shape \(3, 5\)"):
+        MasKDLoss(channels=2, num_tokens=1, token_file=str(token_file))
+
+
+def test_fgd_foreground_and_background_masks():
+    fgd = FGDLoss(channels=1)
+    fg, bg = fgd._masks(torch.zeros(1, 1, 4, 4), [torch.tensor([[0.0, 0.0, 4.0, 4.0]])], (8, 8))
+    # box covers input pixels 0..4 of 8 -> feature cells 0..2 of 4: a 3 x 3 region of area 1/9
+    assert torch.allclose(fg[0, :3, :3], torch.full((3, 3), 1 / 9))
+    assert fg[0, 3].sum() == 0 and fg[0, :, 3].sum() == 0
+    assert torch.allclose(bg[0][fg[0] == 0], torch.full((7,), 1 / 7))
+
+
+def test_fgd_feature_terms_match_hand_computed_value():
+    fgd = FGDLoss(channels=3, alpha_fgd=2.0, beta_fgd=0.5, gamma_fgd=0.0, lambda_fgd=0.0)
+    teacher = torch.ones(1, 3, 4, 4)             # uniform attention: every weight is 1
+    student = teacher + 1.0                      # unit error everywhere
+    ctx = {"gt_bboxes": [torch.tensor([[0.0, 0.0, 4.0, 4.0]])], "img_shape": (8, 8)}
+    # foreground: C * (9 cells * 1/9), background: C * (7 cells * 1/7)
+    assert fgd(student, teacher, **ctx).item() == pytest.approx(2.0 * 3 + 0.5 * 3, rel=1e-5)
+
+
+def test_fgd_needs_boxes():
+    with pytest.raises(ValueError, match="gt_bboxes"):
+        AKDLoss(base="fgd", channels=CHANNELS, num_levels=LEVELS)(*features())
+
+
+# --- equivalences -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base", sorted(BASE_LOSSES))
+def test_no_avatars_is_the_plain_base_loss(base):
+    student, teacher = features()
+    torch.manual_seed(0)
+    akd = AKDLoss(base=base, num_avatars=0, **base_kwargs(base))
+    torch.manual_seed(0)
+    plain = AKDLoss(base=base, num_avatars=0, **base_kwargs(base)).base_losses
+    torch.manual_seed(5)
+    got = akd(student, teacher, **context(base))
+    torch.manual_seed(5)
+    expected = sum(plain[i if len(plain) > 1 else 0](s, t, **context(base))
+                   for i, (s, t) in enumerate(zip(student, teacher)))
+    assert torch.allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("base", sorted(BASE_LOSSES))
+@pytest.mark.parametrize("uncertainty", ["variance", "none"])
+@pytest.mark.parametrize("num_avatars", [1, 3, 8])
+def test_drop_rate_zero_equals_the_base_loss(base, uncertainty, num_avatars):
+    student, teacher = features()
+    torch.manual_seed(0)
+    akd = AKDLoss(base=base, num_avatars=num_avatars, drop_rate=0.0, uncertainty=uncertainty, **base_kwargs(base))
+    plain = AKDLoss(base=base, num_avatars=0, **base_kwargs(base))
+    plain.load_state_dict(akd.state_dict())
+    torch.manual_seed(1)
+    got = akd(student, teacher, **context(base))
+    torch.manual_seed(1)
+    assert torch.allclose(got, plain(student, teacher, **context(base)), rtol=1e-5, atol=1e-7)
+
+
+def test_bn_mode_at_drop_rate_zero_is_the_base_loss_on_standardised_features():
+    student, teacher = features()
+    got = AKDLoss(base="cwd", num_avatars=2, drop_rate=0.0, uncertainty="bn")(student, teacher)
+    expected = sum(CWDLoss()(standardise(s), standardise(t)) for s, t in zip(student, teacher))
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def test_bn_mode_statistics_are_not_mixed_and_fit_any_channel_count():
+    student = [torch.randn(2, 256, 8, 8) * 5 + 3, torch.randn(2, 64, 4, 4)]
+    teacher = [torch.randn(2, 256, 8, 8), torch.randn(2, 64, 4, 4) * 0.1]
+    loss = AKDLoss(base="mse", num_avatars=1, drop_rate=0.0, uncertainty="bn", loss_weight=1.0)
+    got = loss(student, teacher)
+    # standardised independently, then compared: the student's scale and shift do not leak
+    expected = sum(MSELoss()(standardise(s), standardise(t)) for s, t in zip(student, teacher))
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def _independent_weights(teacher, avatars):
+    """The variance factor, computed the long way: per image, per Avatar, with Python loops."""
+    n = teacher.shape[0]
+    weights = torch.zeros(len(avatars), n, dtype=torch.float64)
+    for k, avatar in enumerate(avatars):
+        for i in range(n):
+            t, a = teacher[i].double().flatten(1), avatar[i].double().flatten(1)
+            shift = (a.mean(1) - t.mean(1)) / (t.std(1, unbiased=False) + 1e-6)
+            weights[k, i] = 1.0 / (((shift - shift.mean()) ** 2).mean() + 1e-12)
+    return weights / weights.sum(dim=0, keepdim=True)
+
+
+@pytest.mark.parametrize("base", ["cwd", "mse", "pkd"])
+@pytest.mark.parametrize("num_avatars", [1, 2, 5])
+def test_fused_equals_an_independent_per_avatar_loop(base, num_avatars):
+    student, teacher = features()
+    akd = AKDLoss(base=base, num_avatars=num_avatars, drop_rate=0.3, uncertainty="variance")
+    torch.manual_seed(11)
+    fused = akd(student, teacher)
+    torch.manual_seed(11)
+    naive = torch.zeros((), dtype=torch.float64)
+    plain = BASE_LOSSES[base]()
+    for s, t in zip(student, teacher):
+        avatars = [make_avatar(t, "dropout", 0.3) for _ in range(num_avatars)]
+        gamma = _independent_weights(t, avatars)
+        for k, a in enumerate(avatars):
+            for i in range(t.shape[0]):
+                # PKD normalises over the batch: take per-image terms of the whole-batch loss
+                per_image = plain.per_image(plain.prepare_student(s), a)
+                naive = naive + gamma[k, i] * per_image[i].double()
+    assert fused.item() == pytest.approx(naive.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("base", sorted(BASE_LOSSES))
+@pytest.mark.parametrize("uncertainty", ["variance", "bn", "none"])
+@pytest.mark.parametrize("perturbation", ["dropout", "channel", "noise"])
+def test_fused_equals_naive_for_every_mode(base, uncertainty, perturbation):
+    student, teacher = features()
+    values, grads = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        akd = AKDLoss(base=base, num_avatars=4, drop_rate=0.2, uncertainty=uncertainty,
+                      perturbation=perturbation, fused=fused, **base_kwargs(base))
+        torch.manual_seed(1)
+        loss = akd(student, teacher, **context(base))
+        values.append(loss.item())
+        grads.append(torch.autograd.grad(loss, student))
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    for g_fused, g_naive in zip(*grads):
+        assert torch.allclose(g_fused, g_naive, rtol=1e-4, atol=1e-7)
+
+
+def test_one_avatar_variance_is_the_base_loss_on_that_avatar():
+    student, teacher = features()
+    torch.manual_seed(4)
+    got = AKDLoss(base="cwd", num_avatars=1, drop_rate=0.4)(student, teacher)
+    torch.manual_seed(4)
+    expected = sum(CWDLoss()(s, make_avatar(t, "dropout", 0.4)) for s, t in zip(student, teacher))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_uncertainty_favours_the_avatar_closer_to_the_teacher():
+    teacher = torch.randn(2, 16, 8, 8)
+    torch.manual_seed(0)
+    mild, strong = make_avatar(teacher, "channel", 0.05), make_avatar(teacher, "channel", 0.5)
+    u_mild, u_strong = avatar_uncertainty(teacher, mild), avatar_uncertainty(teacher, strong)
+    assert torch.all(u_strong > u_mild)
+    gamma = _independent_weights(teacher, [mild, strong])
+    assert torch.all(gamma[0] > gamma[1])
+    assert torch.allclose(gamma.sum(0), torch.ones(2, dtype=torch.float64))
+
+
+# --- gradients, determinism, cost ---------------------------------------------------------------
+
+@pytest.mark.parametrize("base", sorted(BASE_LOSSES))
+def test_gradient_reaches_the_student_and_never_the_teacher(base):
+    student, teacher = features()
+    teacher = [t.clone().requires_grad_(True) for t in teacher]
+    loss = AKDLoss(base=base, num_avatars=2, **base_kwargs(base))(student, teacher, **context(base))
+    loss.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+    assert all(t.grad is None for t in teacher)
+
+
+@pytest.mark.parametrize("perturbation", ["dropout", "channel", "noise"])
+def test_avatars_are_reproducible_under_a_seed_and_fresh_each_call(perturbation):
+    teacher = torch.randn(2, 4, 5, 5)
+    torch.manual_seed(7)
+    first, second = make_avatar(teacher, perturbation, 0.3), make_avatar(teacher, perturbation, 0.3)
+    torch.manual_seed(7)
+    again = make_avatar(teacher, perturbation, 0.3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+
+
+def test_avatars_are_unbiased():
+    teacher = torch.randn(1, 8, 64, 64)
+    torch.manual_seed(0)
+    for perturbation in ("dropout", "channel", "noise"):
+        mean = torch.stack([make_avatar(teacher, perturbation, 0.3) for _ in range(400)]).mean(0)
+        assert (mean - teacher).abs().mean() < 0.1 * teacher.abs().mean()
+
+
+def test_loss_is_deterministic_under_a_seed():
+    student, teacher = features()
+    values = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        values.append(AKDLoss(base="mgd", num_avatars=3, channels=CHANNELS, num_levels=LEVELS)(student, teacher))
+    assert torch.equal(values[0], values[1])
+
+
+def _saved_bytes(fn):
+    """Bytes autograd keeps for backward while fn runs: what training memory grows with."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+@pytest.mark.parametrize("base", ["cwd", "mse", "pkd", "mgd"])
+def test_fused_memory_does_not_grow_with_avatars(base):
+    student, teacher = features()
+    kwargs = base_kwargs(base)
+    cost = {k: _saved_bytes(lambda: AKDLoss(base=base, num_avatars=k, **kwargs)(student, teacher))
+            for k in (1, 8)}
+    assert cost[8] == cost[1]
+    looped = _saved_bytes(lambda: AKDLoss(base=base, num_avatars=8, fused=False, **kwargs)(student, teacher))
+    assert looped > cost[1]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"drop_rate": 1.0}, "drop_rate"), ({"drop_rate": -0.1}, "drop_rate"),
+    ({"num_avatars": -1}, "num_avatars"), ({"num_avatars": 1.5}, "num_avatars"),
+    ({"uncertainty": "entropy"}, "uncertainty"), ({"perturbation": "blur"}, "perturbation"),
+    ({"base": "kd"}, "base loss"), ({"base": "cwd", "temperature": 2}, "accepted options: tau"),
+    ({"base": "mgd"}, "channels"),
+])
+def test_bad_options_raise_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AKDLoss(**kwargs)
+
+
+def test_mismatched_level_counts_and_shapes_name_the_level():
+    student, teacher = features()
+    with pytest.raises(ValueError, match="2 student level.*1 teacher level"):
+        AKDLoss()(student, teacher[:1])
+    with pytest.raises(ValueError, match=r"level 1: student shape \(2, 8, 6, 5\) and teacher shape \(2, 8, 6, 4\)"):
+        AKDLoss()(student, [teacher[0], teacher[1][..., :4]])
+    with pytest.raises(ValueError, match="built for 2 level"):
+        AKDLoss(base="mgd", channels=CHANNELS, num_levels=2)(student[:1], teacher[:1])
+
+
+def test_non_finite_features_name_the_level_and_role():
+    student, teacher = features()
+    teacher[1] = teacher[1].clone()
+    teacher[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"level 1: teacher feature of shape \(2, 8, 6, 5\) holds non-finite"):
+        AKDLoss()(student, teacher)
