@@ -5,9 +5,10 @@ instant; torch, mmcv and mmdet are imported inside the commands that need them.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -77,6 +78,150 @@ def data_synth(
         console.print(f"wrote {train_images} train + {val_images} val images ({classes} classes) to {out}")
     else:
         console.print(f"{out} already holds this dataset: nothing to do")
+
+
+
+# --- presets and configs -------------------------------------------------------------------------
+
+@app.command("presets")
+def presets_command(
+    filter_: Optional[str] = typer.Argument(None, metavar="[FILTER]", help="Show presets whose name contains this."),
+    tiny: Optional[bool] = typer.Option(None, "--tiny/--full", help="Only the tiny (CPU) or the full (COCO) presets."),
+) -> None:
+    """List the presets: student, teacher, base loss, Avatars and the paper's reference mAPs."""
+    from rich.table import Table
+
+    from akd_cli.presets import list_presets
+
+    table = Table(title="akd presets", title_justify="left")
+    for column in ("name", "student", "teacher", "method", "avatars", "epochs", "paper mAP (S / T / AKD)"):
+        table.add_column(column)
+    shown = 0
+    for p in list_presets():
+        if (filter_ and filter_ not in p.name) or (tiny is not None and p.tiny != tiny):
+            continue
+        refs = " / ".join("-" if v is None else f"{v:.1f}" for v in
+                          (p.student.reference_map, p.teacher.reference_map, p.reference_akd_map))
+        table.add_row(p.name, p.student.name or str(p.student.config), p.teacher.name or str(p.teacher.config),
+                      p.method, f"{p.num_avatars} x {p.perturbation} {p.drop_rate:g}, {p.uncertainty}",
+                      str(p.epochs), refs)
+        shown += 1
+    if not shown:
+        raise UserError(f"no preset matches {filter_!r}" if filter_ else "no presets found")
+    _console().print(table)
+
+
+_METHODS = ("cwd", "mgd", "maskd", "fgd", "pkd", "mse", "none")
+_UNCERTAINTIES = ("variance", "bn", "none")
+
+
+def _choice(value: Optional[str], choices, option: str) -> Optional[str]:
+    if value is not None and value not in choices:
+        raise UserError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _train_request(preset, config, data_root, work_dir, teacher_checkpoint, method, avatars, drop_rate,
+                   uncertainty, epochs, batch_size, cfg_options, **extra):
+    from akd_cli.mm.config import parse_cfg_options
+    from akd_cli.mm.runs import TrainRequest
+
+    return TrainRequest(preset=preset, config=str(config) if config else None,
+                        data_root=str(data_root) if data_root else None,
+                        work_dir=str(work_dir) if work_dir else None,
+                        teacher_checkpoint=teacher_checkpoint, method=_choice(method, _METHODS, "--method"),
+                        avatars=avatars, drop_rate=drop_rate,
+                        uncertainty=_choice(uncertainty, _UNCERTAINTIES, "--uncertainty"), epochs=epochs,
+                        batch_size=batch_size, cfg_options=parse_cfg_options(cfg_options or []), **extra)
+
+
+_PRESET = typer.Option(None, "--preset", "-p", help="Preset name (see 'akd presets') or a preset YAML file.")
+_DATA_ROOT = typer.Option(None, "--data-root", help="Dataset root (COCO layout), replacing the preset's.")
+_TEACHER_CKPT = typer.Option(None, "--teacher-checkpoint", help="Teacher weights: a path or URL (default: the preset's).")
+_METHOD = typer.Option(None, "--method", help="Base loss: cwd, mgd, maskd, fgd, pkd, mse, or none (student baseline).")
+_AVATARS = typer.Option(None, "--avatars", min=0, max=64, help="Avatars per level (0: the plain base loss).")
+_DROP = typer.Option(None, "--drop-rate", min=0.0, max=0.99, help="Avatar perturbation strength in [0, 1).")
+_UNC = typer.Option(None, "--uncertainty", help="Uncertainty factor: variance, bn or none.")
+_EPOCHS = typer.Option(None, "--epochs", min=1, max=1000, help="Training epochs (default: the preset's schedule).")
+_BATCH = typer.Option(None, "--batch-size", min=1, max=1024, help="Images per GPU (per worker).")
+_CFG_OPTS = typer.Option(None, "--cfg-options", help="Override config keys: key=value (repeatable).")
+
+
+@app.command("config")
+def config_command(
+    preset: Optional[str] = _PRESET,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing."),
+    data_root: Optional[Path] = _DATA_ROOT, teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
+    method: Optional[str] = _METHOD, avatars: Optional[int] = _AVATARS, drop_rate: Optional[float] = _DROP,
+    uncertainty: Optional[str] = _UNC, epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH,
+    cfg_options: Optional[List[str]] = _CFG_OPTS,
+    train_teacher: bool = typer.Option(False, "--train-teacher", help="The config that trains the teacher alone."),
+) -> None:
+    """Print (or write) the complete mmdet config a preset runs, without training."""
+    from akd_cli.mm.config import dump_config
+    from akd_cli.mm.runs import prepare_config
+
+    if preset is None:
+        raise UserError("--preset is required (see 'akd presets')")
+    request = _train_request(preset, None, data_root, None, teacher_checkpoint, method, avatars, drop_rate,
+                             uncertainty, epochs, batch_size, cfg_options,
+                             role="teacher" if train_teacher else "student")
+    cfg, _ = prepare_config(request)
+    if out:
+        dump_config(cfg, out)
+        _console().print(f"wrote {out}")
+    else:
+        typer.echo(cfg.pretty_text)
+
+
+@app.command("train")
+def train_command(
+    preset: Optional[str] = _PRESET,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Your own config instead of a preset."),
+    data_root: Optional[Path] = _DATA_ROOT,
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", "-w", help="Where checkpoints and logs go."),
+    teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
+    gpus: int = typer.Option(1, "--gpus", "--nproc-per-node", min=1, max=1024, help="Workers on this machine (one per GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu (cpu: workers use gloo)."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines taking part."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's index among --nnodes."),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of the node with rank 0."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", min=1024, max=65535, help="Its port (default: free port on one node, 29500 on several)."),
+    launcher: str = typer.Option("pytorch", "--launcher", help="pytorch (akd starts the workers) or slurm (srun)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition, with --launcher slurm."),
+    batch_size: Optional[int] = _BATCH, epochs: Optional[int] = _EPOCHS, avatars: Optional[int] = _AVATARS,
+    drop_rate: Optional[float] = _DROP, uncertainty: Optional[str] = _UNC, method: Optional[str] = _METHOD,
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed (the same on every worker)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic cuDNN kernels."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision (CUDA only)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the work dir's latest checkpoint."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Evaluate on the val split at the end."),
+    train_teacher: bool = typer.Option(False, "--train-teacher", help="Train the preset's teacher model alone."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
+    cfg_options: Optional[List[str]] = _CFG_OPTS,
+) -> None:
+    """Train a student with AKD (or a baseline, or a tiny teacher), on one or many workers."""
+    from akd_cli.mm.launch import LaunchPlan
+
+    if launcher not in ("pytorch", "slurm"):
+        raise UserError(f"--launcher must be pytorch or slurm, got {launcher!r}")
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
+    if trust_checkpoint:
+        from akd_cli.mm.compat import TRUST_ENV
+        os.environ[TRUST_ENV] = "1"
+    plan = LaunchPlan(nproc_per_node=gpus, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                      master_port=master_port, device=device)
+    request = _train_request(preset, config, data_root, work_dir, teacher_checkpoint, method, avatars, drop_rate,
+                             uncertainty, epochs, batch_size, cfg_options, seed=seed, deterministic=deterministic,
+                             amp=amp, resume=resume, validate=validate, plan=plan, launcher=launcher,
+                             partition=partition, role="teacher" if train_teacher else "student")
+    from akd_cli.mm.runs import launch_training
+
+    console = _console()
+    student = launch_training(request, on_config=lambda p: console.print(f"config: {p}"))
+    if student:
+        console.print(f"[green]done[/]: student checkpoint {student}")
 
 
 def _progress(console):

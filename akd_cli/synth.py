@@ -205,9 +205,11 @@ def render_image(spec: SynthSpec, split: str, index: int) -> Tuple[np.ndarray, L
     categories: List[int] = []
     wanted = int(rng.integers(1, spec.max_objects + 1))
     min_area = max(16, int(0.0008 * size * size))
-    for _ in range(wanted * 4):  # a few retries per wanted object
-        if len(categories) == wanted:
-            break
+    attempts = 0
+    # A few retries per wanted object, and more if none fits yet: every image has an object
+    # (mmdet's CocoDataset drops empty images from training).
+    while len(categories) < wanted and (attempts < wanted * 4 or (not categories and attempts < 200)):
+        attempts += 1
         category = int(rng.integers(spec.num_classes))
         mask, u, v, (x0, y0) = _object_mask(rng, size, list(SHAPES)[category])
         if mask.sum() < min_area:

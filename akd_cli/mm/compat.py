@@ -1,0 +1,152 @@
+"""Compatibility patches for running the mmcv-full 1.x / mmdet 2.x stack on torch 2.x.
+
+``apply()`` is idempotent and is called by every akd entry point that touches mmcv/mmdet, and by
+generated configs through ``custom_imports`` (so mmdet's own tools/train.py gets them too).
+Each patch says why it exists; remove a patch once the stack it works around is gone.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+_APPLIED = False
+TRUST_ENV = "AKD_TRUST_CHECKPOINTS"
+
+
+class UnsafeCheckpointError(Exception):
+    """A checkpoint that only a code-executing unpickler can read, and the user did not opt in."""
+
+
+def apply() -> None:
+    global _APPLIED
+    if _APPLIED:
+        return
+    _quiet_known_warnings()
+    _restore_numpy_aliases()
+    _allow_cpu_distributed_data_parallel()
+    _load_checkpoints_weights_only()
+    _APPLIED = True
+
+
+def _quiet_known_warnings() -> None:
+    # Why: every process of every run printed these. torchvision's optional image extension does
+    # not load against the CPU torch (we never use torchvision.io), and mmcv 1.x announces its 2.0
+    # renaming on import. Neither is actionable for an akd user.
+    warnings.filterwarnings("ignore", message="Failed to load image Python extension")
+    warnings.filterwarnings("ignore", message="On January 1, 2023, MMCV will release v2.0.0")
+
+
+def _restore_numpy_aliases() -> None:
+    # Why: numpy 2 removed the `np.int` / `np.float` aliases, which mmdet 2.28 still uses in
+    # CustomDataset.get_cat_ids (class-balanced sampling) and the IoU-balanced sampler, and mmcv
+    # 1.7 in pixel_group. They meant the builtins, so restoring them is exact.
+    import numpy as np
+
+    for name, builtin in (("int", int), ("float", float), ("bool", bool), ("object", object)):
+        if name not in np.__dict__:
+            setattr(np, name, builtin)
+
+
+def _allow_cpu_distributed_data_parallel() -> None:
+    # Why: mmdet's build_ddp asserts a CUDA/MLU/NPU device, and mmcv's MMDistributedDataParallel,
+    # given no device ids (the CPU case), passes DataContainers to the model unscattered. With
+    # these two fixed, torch.distributed on CPU (gloo) trains through the unchanged mmdet path.
+    import torch
+    from mmcv.parallel import MMDistributedDataParallel
+    from mmcv.parallel.scatter_gather import scatter_kwargs
+
+    # Why: mmcv's _run_ddp_forward (every forward outside train_step, e.g. distributed evaluation)
+    # reads DDP's `_use_replicated_tensor_module`, which torch 2.1 removed: on GPUs and CPUs alike
+    # it raised AttributeError. The replicated-tensor path it selected no longer exists.
+    if not hasattr(torch.nn.parallel.DistributedDataParallel, "_use_replicated_tensor_module"):
+        MMDistributedDataParallel._use_replicated_tensor_module = False
+
+    class CPUDistributedDataParallel(MMDistributedDataParallel):
+        """MMDistributedDataParallel for CPU processes: DataContainers scattered to the CPU."""
+
+        def _unwrap(self, inputs, kwargs):
+            inputs, kwargs = scatter_kwargs(inputs, kwargs, [-1], dim=self.dim)
+            return inputs[0], kwargs[0]
+
+        def _run_ddp_forward(self, *inputs, **kwargs):
+            inputs, kwargs = self._unwrap(inputs, kwargs)
+            return self.module(*inputs, **kwargs)
+
+        def train_step(self, *inputs, **kwargs):
+            inputs, kwargs = self._unwrap(inputs, kwargs)
+            return super().train_step(*inputs, **kwargs)
+
+        def val_step(self, *inputs, **kwargs):
+            inputs, kwargs = self._unwrap(inputs, kwargs)
+            return super().val_step(*inputs, **kwargs)
+
+    import mmdet.utils.util_distribution as dist_utils
+    original = dist_utils.build_ddp
+
+    def build_ddp(model, device="cuda", *args, **kwargs):
+        if device != "cpu":
+            return original(model, device, *args, **kwargs)
+        kwargs.pop("device_ids", None)
+        kwargs.pop("output_device", None)
+        return CPUDistributedDataParallel(model.cpu(), *args, **kwargs)
+
+    dist_utils.build_ddp = build_ddp
+    dist_utils.CPUDistributedDataParallel = CPUDistributedDataParallel
+    import mmdet.utils
+    mmdet.utils.build_ddp = build_ddp
+    try:  # mmdet.apis.train imported the name at its own import time
+        import mmdet.apis.train as mmdet_train
+        mmdet_train.build_ddp = build_ddp
+    except ImportError:
+        pass
+
+
+def trusted() -> bool:
+    return os.environ.get(TRUST_ENV, "") not in ("", "0", "false", "no")
+
+
+def load_checkpoint_file(filename: str, map_location=None):
+    """torch.load with weights_only=True unless the user opted in (``--trust-checkpoint``)."""
+    import pickle
+
+    import torch
+
+    if trusted():
+        return torch.load(filename, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{filename} holds Python objects that can only be loaded by running pickled code "
+            f"({first_line}); if you trust where it came from, pass --trust-checkpoint "
+            f"(or set {TRUST_ENV}=1)") from None
+
+
+def _load_checkpoints_weights_only() -> None:
+    # Why: mmcv 1.x calls torch.load without weights_only. torch>=2.6 then defaults to
+    # weights_only=True for files, but torch.hub's URL loader (used by mmcv for model-zoo URLs)
+    # still unpickles arbitrary code. Loading plain weights is always safe; anything else must be the
+    # user's explicit choice, and a refusal must say so in one line instead of a pickle traceback.
+    from mmcv.runner.checkpoint import CheckpointLoader
+
+    def load_from_local(filename, map_location=None):
+        filename = os.path.expanduser(filename)
+        if not os.path.isfile(filename):
+            raise FileNotFoundError(f"checkpoint not found: {filename}")
+        return load_checkpoint_file(filename, map_location)
+
+    def load_from_http(filename, map_location=None, model_dir=None):
+        import torch.hub
+
+        model_dir = model_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+        os.makedirs(model_dir, exist_ok=True)
+        cached = os.path.join(model_dir, os.path.basename(filename.split("?")[0]))
+        if not os.path.exists(cached):
+            partial = f"{cached}.partial-{os.getpid()}"
+            torch.hub.download_url_to_file(filename, partial, progress=True)
+            os.replace(partial, cached)
+        return load_checkpoint_file(cached, map_location)
+
+    CheckpointLoader.register_scheme(prefixes="", force=True)(load_from_local)
+    CheckpointLoader.register_scheme(prefixes=["http://", "https://"], force=True)(load_from_http)

@@ -1,0 +1,202 @@
+"""Presets to complete, standalone mmdet configs.
+
+The generated file holds everything (no ``_base_``): the distiller model, the student's data
+pipeline and schedule, and ``custom_imports`` of akd's registrations, so mmdet's own
+``tools/train.py`` can run it.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from akd_cli.errors import UserError
+from akd_cli.presets import ModelSpec, Preset
+
+MMDET_SCHEME = "mmdet://"
+COCO_ROOT_IN_MMDET_CONFIGS = "data/coco/"
+SYNTH_CLASSES = ("disc", "box", "triangle", "ring", "cross", "star", "diamond", "hexagon", "crescent", "bar")
+
+
+def mmdet_config_dir() -> Path:
+    import mmdet
+
+    return Path(mmdet.__file__).resolve().parent / ".mim" / "configs"
+
+
+def resolve_config_path(reference: str) -> Path:
+    if reference.startswith(MMDET_SCHEME):
+        path = mmdet_config_dir() / reference[len(MMDET_SCHEME):]
+    else:
+        path = Path(reference).expanduser()
+    if not path.is_file():
+        raise UserError(f"config not found: {reference} ({path})")
+    return path
+
+
+def _model_dict(spec: ModelSpec) -> Dict[str, Any]:
+    if spec.model is not None:
+        return copy.deepcopy(spec.model)
+    from mmcv import Config
+
+    return Config.fromfile(str(resolve_config_path(spec.config)))._cfg_dict.to_dict()["model"]
+
+
+def _retarget_data_root(node, new_root: str):
+    """Replace mmdet's default 'data/coco/' prefix in every string of the data section."""
+    if isinstance(node, dict):
+        return {k: _retarget_data_root(v, new_root) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_retarget_data_root(v, new_root) for v in node]
+    if isinstance(node, str) and node.startswith(COCO_ROOT_IN_MMDET_CONFIGS):
+        return new_root.rstrip("/") + "/" + node[len(COCO_ROOT_IN_MMDET_CONFIGS):]
+    return node
+
+
+def synth_training_config(data: Dict[str, Any], data_root: str, epochs: int) -> Dict[str, Any]:
+    """Data pipeline and schedule for the synthetic shapes dataset (tiny presets)."""
+    size = int(data.get("image_size", 128))
+    num_classes = int(data.get("num_classes", 6))
+    classes = SYNTH_CLASSES[:num_classes]
+    norm = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+    train_pipeline = [
+        dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
+        dict(type="Resize", img_scale=(size, size), keep_ratio=True),
+        dict(type="RandomFlip", flip_ratio=0.5), dict(type="Normalize", **norm),
+        dict(type="Pad", size_divisor=32), dict(type="DefaultFormatBundle"),
+        dict(type="Collect", keys=["img", "gt_bboxes", "gt_labels"]),
+    ]
+    test_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="MultiScaleFlipAug", img_scale=(size, size), flip=False, transforms=[
+            dict(type="Resize", keep_ratio=True), dict(type="RandomFlip"), dict(type="Normalize", **norm),
+            dict(type="Pad", size_divisor=32), dict(type="ImageToTensor", keys=["img"]),
+            dict(type="Collect", keys=["img"])]),
+    ]
+    root = data_root.rstrip("/") + "/"
+
+    def split(name, pipeline):
+        return dict(type="CocoDataset", classes=classes, ann_file=f"{root}annotations/instances_{name}.json",
+                    img_prefix=f"{root}{name}/", pipeline=pipeline)
+
+    lr = float(data.get("lr", 0.01))
+    return dict(
+        dataset_type="CocoDataset", data_root=root,
+        data=dict(samples_per_gpu=int(data.get("samples_per_gpu", 8)), workers_per_gpu=int(data.get("workers_per_gpu", 0)),
+                  train=split("train", train_pipeline), val=split("val", test_pipeline),
+                  test=split("val", test_pipeline)),
+        evaluation=dict(interval=epochs, metric="bbox"),
+        optimizer=dict(type="SGD", lr=lr, momentum=0.9, weight_decay=1e-4),
+        optimizer_config=dict(grad_clip=dict(max_norm=35, norm_type=2)),
+        lr_config=dict(policy="step", warmup="linear", warmup_iters=int(data.get("warmup_iters", 50)),
+                       warmup_ratio=0.1, step=[max(1, round(epochs * 8 / 12)), max(1, round(epochs * 11 / 12))]),
+        checkpoint_config=dict(interval=1, max_keep_ckpts=2),
+        log_config=dict(interval=int(data.get("log_interval", 10)), hooks=[dict(type="TextLoggerHook")]),
+        dist_params=dict(backend="nccl"), log_level="INFO", load_from=None, resume_from=None,
+        workflow=[("train", 1)], opencv_num_threads=0, mp_start_method="fork", auto_scale_lr=dict(enable=False, base_batch_size=16),
+    )
+
+
+def build_config(preset: Preset, *, data_root: Optional[str] = None, teacher_checkpoint: Optional[str] = None,
+                 method: Optional[str] = None, num_avatars: Optional[int] = None, drop_rate: Optional[float] = None,
+                 uncertainty: Optional[str] = None, epochs: Optional[int] = None, batch_size: Optional[int] = None,
+                 cfg_options: Optional[Dict[str, Any]] = None, role: str = "student"):
+    """The mmcv Config of a preset, with the command line's overrides applied.
+
+    ``method="none"`` gives the student baseline: the distiller without a teacher.
+    ``role="teacher"`` trains the preset's teacher model alone (how the tiny presets get a teacher).
+    """
+    if role not in ("student", "teacher"):
+        raise UserError(f"role must be 'student' or 'teacher', got {role!r}")
+    from mmcv import Config
+
+    epochs = epochs or preset.epochs
+    method = method or preset.method
+    if preset.tiny:
+        root = data_root or preset.data.get("root", "data/synth")
+        base: Dict[str, Any] = synth_training_config(preset.data, root, epochs)
+        student, teacher = _model_dict(preset.student), _model_dict(preset.teacher)
+    else:
+        student_cfg = Config.fromfile(str(resolve_config_path(preset.student.config)))
+        base = student_cfg._cfg_dict.to_dict()
+        student, teacher = base.pop("model"), _model_dict(preset.teacher)
+        if data_root:
+            base["data"] = _retarget_data_root(base["data"], data_root)
+            base["data_root"] = data_root.rstrip("/") + "/"
+        base["lr_config"] = dict(base.get("lr_config", {}))
+        if base["lr_config"].get("policy") == "step":
+            base["lr_config"]["step"] = [max(1, round(epochs * 8 / 12)), max(1, round(epochs * 11 / 12))]
+        base["evaluation"] = dict(base.get("evaluation", {}), interval=epochs)
+        base["checkpoint_config"] = dict(base.get("checkpoint_config", {}), interval=1, max_keep_ckpts=3)
+    base.pop("model", None)
+    if role == "teacher":
+        student, method = teacher, "none"
+    distilled = method != "none"
+    model = dict(type="AKDDistiller", student=student)
+    if distilled:
+        model.update(
+            teacher=teacher, teacher_checkpoint=teacher_checkpoint or preset.teacher.checkpoint, method=method,
+            options=dict(preset.options) if method == preset.method else {},
+            distill=[dict(name=f.name, student=f.student, teacher=f.teacher, channels=list(f.channels),
+                          **({"student_channels": list(f.student_channels)} if f.student_channels else {}))
+                     for f in preset.features],
+            avatars=dict(num_avatars=preset.num_avatars if num_avatars is None else num_avatars,
+                         drop_rate=preset.drop_rate if drop_rate is None else drop_rate,
+                         uncertainty=uncertainty or preset.uncertainty, perturbation=preset.perturbation))
+    cfg = dict(base)
+    cfg["model"] = model
+    cfg["optimizer"] = dict(cfg["optimizer"], constructor="AKDOptimizerConstructor")
+    cfg["runner"] = dict(type="AKDEpochBasedRunner", max_epochs=epochs)
+    cfg.pop("total_epochs", None)
+    if batch_size:
+        cfg["data"] = dict(cfg["data"], samples_per_gpu=batch_size)
+    hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "RichProgressHook"]
+    cfg["custom_hooks"] = hooks + [dict(type="RichProgressHook", priority="VERY_LOW")]
+    cfg["custom_imports"] = dict(imports=["akd_cli.mm.distiller"], allow_failed_imports=False)
+    cfg["akd"] = dict(preset=preset.name, method=method if distilled else "none",
+                      role="teacher" if role == "teacher" else ("distilled" if distilled else "baseline"))
+    config = Config(cfg)
+    if cfg_options:
+        config.merge_from_dict(cfg_options)
+    return config
+
+
+def student_config(config):
+    """The plain mmdet config of the student alone: runs in mmdet's own tools without akd."""
+    from mmcv import Config
+
+    cfg = copy.deepcopy(config._cfg_dict.to_dict())
+    cfg["model"] = cfg["model"]["student"]
+    cfg["optimizer"] = {k: v for k, v in cfg["optimizer"].items() if k != "constructor"}
+    cfg["runner"] = dict(type="EpochBasedRunner", max_epochs=cfg["runner"]["max_epochs"])
+    cfg["custom_hooks"] = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "RichProgressHook"]
+    cfg.pop("custom_imports", None)
+    cfg.pop("akd", None)
+    return Config(cfg)
+
+
+def dump_config(config, path: Path) -> Path:
+    """Write a config file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(config.pretty_text)
+    os.replace(partial, path)
+    return path
+
+
+def parse_cfg_options(items: Sequence[str]) -> Dict[str, Any]:
+    """``key=value`` pairs as mmcv's DictAction parses them (values are Python literals when they can be)."""
+    import ast
+
+    options: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--cfg-options takes key=value pairs, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options

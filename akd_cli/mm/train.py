@@ -1,0 +1,129 @@
+"""Training entry point: one worker process (rank) of a run, or the whole run on one process.
+
+Launching several is ``akd_cli.mm.launch``'s job; this module reads RANK / WORLD_SIZE / LOCAL_RANK
+from the environment like any torch.distributed worker. ``python -m akd_cli.mm.train CONFIG WORK_DIR``
+runs a worker directly.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import os.path as osp
+import sys
+import time
+from typing import Optional
+
+
+def _init_distributed() -> bool:
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return False
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def _remove_partial_checkpoints(work_dir: str) -> None:
+    """Leftovers of a run killed while saving: never complete, never loaded, safe to drop."""
+    for path in glob.glob(osp.join(work_dir, "*.partial-*")) + glob.glob(osp.join(work_dir, ".latest.pth.*")):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def train(config_path: str, work_dir: str, *, seed: int = 0, deterministic: bool = False, resume: bool = False,
+          amp: bool = False, validate: bool = True) -> Optional[str]:
+    """Train from a generated config; returns the exported student checkpoint (rank 0)."""
+    from akd_cli.mm import compat
+
+    compat.apply()
+    import mmcv
+    import torch
+    from mmcv import Config
+    from mmcv.runner import get_dist_info
+
+    import akd_cli.mm.distiller  # noqa: F401  (registers the distiller, runner and hooks)
+    from akd_cli import __version__
+    from mmdet import __version__ as mmdet_version
+    from mmdet.apis import set_random_seed, train_detector
+    from mmdet.datasets import build_dataset
+    from mmdet.models import build_detector
+    from mmdet.utils import get_root_logger
+
+    cfg = Config.fromfile(config_path)
+    cfg.work_dir = work_dir
+    distributed = _init_distributed()
+    rank, world_size = get_dist_info()
+    cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.gpu_ids = [int(os.environ.get("LOCAL_RANK", "0"))] if cfg.device == "cuda" else [0]
+    if amp:
+        cfg.fp16 = dict(loss_scale="dynamic")
+    if resume:
+        cfg.auto_resume = True
+        cfg.resume_from = None
+    mmcv.mkdir_or_exist(work_dir)
+    if rank == 0:
+        _remove_partial_checkpoints(work_dir)
+    timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
+    logger = get_root_logger(log_file=osp.join(work_dir, f"{timestamp}.log"), log_level=cfg.get("log_level", "INFO"))
+    # The same seed on every rank, as mmdet's tools do without --diff-seed.
+    set_random_seed(seed, deterministic=deterministic)
+    cfg.seed = seed
+    meta = dict(seed=seed, exp_name=osp.basename(config_path), config=cfg.pretty_text)
+    datasets = [build_dataset(cfg.data.train)]
+    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    model.init_weights()
+    model.CLASSES = datasets[0].CLASSES
+    cfg.checkpoint_config.meta = dict(mmdet_version=mmdet_version, akd_version=__version__,
+                                      CLASSES=datasets[0].CLASSES)
+    logger.info(f"akd {__version__}: {world_size} worker(s) on {cfg.device}, config {config_path}")
+    train_detector(model, datasets, cfg, distributed=distributed, validate=validate, timestamp=timestamp, meta=meta)
+    if rank != 0:
+        return None
+    from akd_cli.mm.checkpoints import export_student
+
+    latest = osp.join(work_dir, "latest.pth")
+    return export_student(latest, osp.join(work_dir, "student.pth"))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="one akd training worker")
+    parser.add_argument("config")
+    parser.add_argument("work_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--result-file", default=None, help="where rank 0 writes the exported student's path")
+    args = parser.parse_args(argv)
+    try:
+        student = train(args.config, args.work_dir, seed=args.seed, deterministic=args.deterministic,
+                        resume=args.resume, amp=args.amp, validate=not args.no_validate)
+    except Exception as exc:  # known failures: one line and exit code 2; bugs keep their traceback
+        from akd_cli.mm.checks import friendly_message
+
+        message = friendly_message(exc)
+        if message is None:
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if student and args.result_file:
+        with open(args.result_file, "w") as f:
+            json.dump({"student": student}, f)
+
+
+if __name__ == "__main__":
+    main()

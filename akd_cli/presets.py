@@ -1,0 +1,219 @@
+"""Presets: named distillation set-ups stored as data in ``presets/*.yaml``, validated on load.
+
+A preset names a student and a teacher (each an mmdet config, either ``mmdet://<path>`` inside the
+installed mmdet's own config tree, a file path, or an inline ``model`` mapping), the teacher's
+checkpoint, which features to distil with which base loss, the Avatar settings, the schedule, the
+dataset, and the paper's reference mAPs. Only PyYAML and the standard library are imported here.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from akd_cli.errors import UserError
+
+PRESET_DIR = Path(os.environ.get("AKD_PRESET_DIR", Path(__file__).resolve().parent.parent / "presets"))
+METHODS = ("cwd", "mgd", "maskd", "fgd", "pkd", "mse")
+UNCERTAINTIES = ("variance", "bn", "none")
+PERTURBATIONS = ("dropout", "channel", "noise")
+TABLES = ("baseline", "stronger")
+
+
+class PresetError(UserError):
+    """A preset file that does not validate: names the file and the field."""
+
+
+@dataclass
+class ModelSpec:
+    config: Optional[str] = None          # mmdet://path, or a config file
+    model: Optional[Dict[str, Any]] = None  # an inline mmdet model dict (tiny presets)
+    checkpoint: Optional[str] = None
+    reference_map: Optional[float] = None
+    name: str = ""
+
+
+@dataclass
+class FeatureSpec:
+    name: str
+    student: str
+    teacher: str
+    channels: List[int]
+    student_channels: Optional[List[int]] = None  # where they differ from the teacher: 1x1 align convs
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    student: ModelSpec
+    teacher: ModelSpec
+    method: str
+    options: Dict[str, Any]
+    features: List[FeatureSpec]
+    num_avatars: int = 1
+    drop_rate: float = 0.1
+    uncertainty: str = "variance"
+    perturbation: str = "dropout"
+    epochs: int = 24
+    data: Dict[str, Any] = field(default_factory=dict)
+    table: Optional[str] = None
+    reference_akd_map: Optional[float] = None
+    tiny: bool = False
+    path: Optional[Path] = None
+
+
+def _fail(path: Path, where: str, message: str):
+    raise PresetError(f"{path.name}: {where}: {message}")
+
+
+def _get(mapping: dict, key: str, kind, path: Path, where: str, required: bool = True, default=None):
+    if key not in mapping or mapping[key] is None:
+        if required:
+            _fail(path, f"{where}.{key}" if where else key, "missing")
+        return default
+    value = mapping[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        _fail(path, f"{where}.{key}" if where else key, f"expected {kind_name(kinds)}, got {value!r}")
+    if float in kinds and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kinds):
+        _fail(path, f"{where}.{key}" if where else key, f"expected {kind_name(kinds)}, got {value!r}")
+    return value
+
+
+def kind_name(kinds) -> str:
+    return " or ".join({str: "text", int: "an integer", float: "a number", dict: "a mapping",
+                        list: "a list", bool: "true/false"}[k] for k in kinds)
+
+
+def _model(raw: dict, role: str, path: Path) -> ModelSpec:
+    section = _get(raw, role, dict, path, "")
+    allowed = {"config", "model", "checkpoint", "reference_map", "name"}
+    unknown = set(section) - allowed
+    if unknown:
+        _fail(path, f"{role}.{sorted(unknown)[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+    spec = ModelSpec(
+        config=_get(section, "config", str, path, role, required=False),
+        model=_get(section, "model", dict, path, role, required=False),
+        checkpoint=_get(section, "checkpoint", str, path, role, required=False),
+        reference_map=_get(section, "reference_map", float, path, role, required=False),
+        name=_get(section, "name", str, path, role, required=False, default=""),
+    )
+    if (spec.config is None) == (spec.model is None):
+        _fail(path, role, "give exactly one of 'config' (an mmdet config) or 'model' (an inline model)")
+    if spec.reference_map is not None and not 0 <= spec.reference_map <= 100:
+        _fail(path, f"{role}.reference_map", f"must be a COCO mAP in [0, 100], got {spec.reference_map}")
+    return spec
+
+
+def _features(raw: dict, path: Path) -> List[FeatureSpec]:
+    items = _get(raw, "features", list, path, "distill")
+    if not items:
+        _fail(path, "distill.features", "needs at least one feature to distil")
+    features = []
+    for i, item in enumerate(items):
+        where = f"distill.features[{i}]"
+        if not isinstance(item, dict):
+            _fail(path, where, f"expected a mapping, got {item!r}")
+        channels = _get(item, "channels", (int, list), path, where)
+        channels = [channels] if isinstance(channels, int) else channels
+        student_channels = _get(item, "student_channels", (int, list), path, where, required=False)
+        if isinstance(student_channels, int):
+            student_channels = [student_channels] * len(channels)
+        for name, values in (("channels", channels), ("student_channels", student_channels or [])):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in values):
+                _fail(path, f"{where}.{name}", f"must be positive integers, got {values!r}")
+        if student_channels is not None and len(student_channels) != len(channels):
+            _fail(path, f"{where}.student_channels", "needs one entry per level of 'channels'")
+        features.append(FeatureSpec(
+            name=_get(item, "name", str, path, where), student=_get(item, "student", str, path, where),
+            teacher=_get(item, "teacher", str, path, where), channels=channels,
+            student_channels=student_channels))
+    names = [f.name for f in features]
+    if len(set(names)) != len(names):
+        _fail(path, "distill.features", f"feature names must be unique, got {names}")
+    return features
+
+
+def load_preset_file(path: Path) -> Preset:
+    import yaml
+
+    path = Path(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise PresetError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{path.name}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        _fail(path, "top level", "expected a mapping")
+    allowed = {"name", "description", "student", "teacher", "distill", "avatars", "schedule", "data",
+               "table", "reference_akd_map", "tiny"}
+    unknown = set(raw) - allowed
+    if unknown:
+        _fail(path, sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+    name = _get(raw, "name", str, path, "")
+    if name != path.stem:
+        _fail(path, "name", f"must equal the file name {path.stem!r}, got {name!r}")
+    distill = _get(raw, "distill", dict, path, "")
+    method = _get(distill, "method", str, path, "distill")
+    if method not in METHODS:
+        _fail(path, "distill.method", f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    avatars = _get(raw, "avatars", dict, path, "", required=False, default={})
+    num = _get(avatars, "num", int, path, "avatars", required=False, default=1)
+    drop_rate = _get(avatars, "drop_rate", float, path, "avatars", required=False, default=0.1)
+    uncertainty = _get(avatars, "uncertainty", str, path, "avatars", required=False, default="variance")
+    perturbation = _get(avatars, "perturbation", str, path, "avatars", required=False, default="dropout")
+    if num < 0:
+        _fail(path, "avatars.num", f"must be >= 0, got {num}")
+    if not 0 <= drop_rate < 1:
+        _fail(path, "avatars.drop_rate", f"must be in [0, 1), got {drop_rate}")
+    if uncertainty not in UNCERTAINTIES:
+        _fail(path, "avatars.uncertainty", f"unknown mode {uncertainty!r} (one of {', '.join(UNCERTAINTIES)})")
+    if perturbation not in PERTURBATIONS:
+        _fail(path, "avatars.perturbation", f"unknown {perturbation!r} (one of {', '.join(PERTURBATIONS)})")
+    schedule = _get(raw, "schedule", dict, path, "", required=False, default={})
+    epochs = _get(schedule, "epochs", int, path, "schedule", required=False, default=24)
+    if epochs < 1:
+        _fail(path, "schedule.epochs", f"must be >= 1, got {epochs}")
+    table = _get(raw, "table", str, path, "", required=False)
+    if table is not None and table not in TABLES:
+        _fail(path, "table", f"must be one of {', '.join(TABLES)}, got {table!r}")
+    return Preset(
+        name=name, description=_get(raw, "description", str, path, ""),
+        student=_model(raw, "student", path), teacher=_model(raw, "teacher", path),
+        method=method, options=_get(distill, "options", dict, path, "distill", required=False, default={}),
+        features=_features(distill, path), num_avatars=num, drop_rate=drop_rate, uncertainty=uncertainty,
+        perturbation=perturbation, epochs=epochs,
+        data=_get(raw, "data", dict, path, "", required=False, default={}), table=table,
+        reference_akd_map=_get(raw, "reference_akd_map", float, path, "", required=False),
+        tiny=_get(raw, "tiny", bool, path, "", required=False, default=False), path=path,
+    )
+
+
+def preset_paths(directory: Path = PRESET_DIR) -> Dict[str, Path]:
+    return {p.stem: p for p in sorted(Path(directory).glob("*.yaml"))}
+
+
+def list_presets(directory: Path = PRESET_DIR) -> List[Preset]:
+    return [load_preset_file(p) for p in preset_paths(directory).values()]
+
+
+def load_preset(name_or_path: str, directory: Path = PRESET_DIR) -> Preset:
+    """A preset by name (``presets/<name>.yaml``) or by a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise PresetError(f"preset file not found: {candidate}")
+        return load_preset_file(candidate)
+    paths = preset_paths(directory)
+    if name_or_path not in paths:
+        close = difflib.get_close_matches(name_or_path, list(paths), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known presets: {', '.join(paths)}"
+        raise PresetError(f"unknown preset {name_or_path!r}{hint} (see 'akd presets')")
+    return load_preset_file(paths[name_or_path])
