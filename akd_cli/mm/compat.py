@@ -25,6 +25,7 @@ def apply() -> None:
     _restore_numpy_aliases()
     _allow_cpu_distributed_data_parallel()
     _load_checkpoints_weights_only()
+    _default_point_generator_device()
     _APPLIED = True
 
 
@@ -150,3 +151,25 @@ def _load_checkpoints_weights_only() -> None:
 
     CheckpointLoader.register_scheme(prefixes="", force=True)(load_from_local)
     CheckpointLoader.register_scheme(prefixes=["http://", "https://"], force=True)(load_from_http)
+
+
+def _default_point_generator_device() -> None:
+    # Why: mmdet 2.28's RepPointsHead.get_points calls MlvlPointGenerator.valid_flags without a
+    # device, whose default is 'cuda': RepPoints could not train on a CPU-only torch. The default
+    # becomes the CUDA device when there is one and the CPU otherwise.
+    import functools
+
+    import torch
+    from mmdet.core.anchor.point_generator import MlvlPointGenerator
+
+    original = MlvlPointGenerator.valid_flags
+    if getattr(original, "_akd_patched", False):
+        return
+
+    @functools.wraps(original)
+    def valid_flags(self, featmap_sizes, pad_shape, device=None):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return original(self, featmap_sizes, pad_shape, device=device)
+
+    valid_flags._akd_patched = True
+    MlvlPointGenerator.valid_flags = valid_flags
