@@ -232,16 +232,43 @@ def _progress(console):
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
 
 
+def _is(exc: BaseException, *class_names: str) -> bool:
+    # Typer >= 0.20 vendors click privately; the exception classes keep click's names either way.
+    return any(cls.__name__ in class_names for cls in type(exc).__mro__)
+
+
 def main(argv: Optional[list] = None) -> None:
-    """Entry point of the console script: user errors become one line on stderr and exit code 2."""
+    """Entry point of the console script. Bad input (usage errors and UserError) becomes one line on
+    stderr and exit code 2; Ctrl-C exits 130."""
     try:
-        app(args=argv, prog_name="akd")
+        code = app(args=argv, prog_name="akd", standalone_mode=False)
     except UserError as exc:
-        _console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _error(str(exc))
+        code = 2
     except KeyboardInterrupt:
-        _console(stderr=True).print("[bold red]interrupted[/]")
-        sys.exit(130)
+        code = _interrupted()
+    except Exception as exc:
+        if _is(exc, "NoArgsIsHelpError"):  # `akd` or `akd data` alone: show the help
+            exc.show()
+            code = 2
+        elif _is(exc, "UsageError", "ClickException"):
+            ctx = getattr(exc, "ctx", None)
+            _error(f"{exc.format_message()} (see '{ctx.command_path if ctx else 'akd'} --help')")
+            code = 2
+        elif _is(exc, "Abort"):
+            code = _interrupted()
+        else:
+            raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted() -> int:
+    _console(stderr=True).print("[bold red]interrupted[/]")
+    return 130
+
+
+def _error(message: str) -> None:
+    _console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ def check_annotation_file(path: Path, role: str = "annotation") -> None:
                 raise UserError(f"{path}: an entry of '{key}' lacks one of {', '.join(fields)}: {str(item)[:80]}")
 
 
-def check_dataset(data_cfg: dict, splits=("train", "val")) -> None:
-    """Annotation files and image folders named by an mmdet ``data`` section exist and parse."""
+def check_dataset(data_cfg: dict, splits=("train", "val"), synthetic: bool = False) -> None:
+    """Annotation files and image folders named by an mmdet ``data`` section exist and parse.
+    ``synthetic``: the dataset is akd's synthetic one, so a missing one can be generated."""
     for split in splits:
         section = data_cfg.get(split)
         if section is None:
@@ -36,11 +37,8 @@ def check_dataset(data_cfg: dict, splits=("train", "val")) -> None:
         section = section.get("dataset", section)  # RepeatDataset and friends
         ann_file, prefix = section.get("ann_file"), section.get("img_prefix")
         if isinstance(ann_file, str):
-            hint = ""
-            if "synth" in ann_file and not Path(ann_file).exists():
-                root = Path(ann_file).parent.parent
-                hint = f"; generate it with 'akd data synth --out {root}'"
             if not Path(ann_file).exists():
+                hint = f"; generate it with 'akd data synth --out {Path(ann_file).parent.parent}'" if synthetic else ""
                 raise UserError(f"{split} annotations not found: {ann_file}{hint} (or pass --data-root)")
             check_annotation_file(Path(ann_file), f"{split} annotation")
         if isinstance(prefix, str) and prefix and not Path(prefix).is_dir():

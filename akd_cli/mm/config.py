@@ -155,7 +155,8 @@ def build_config(preset: Preset, *, data_root: Optional[str] = None, teacher_che
     cfg["custom_hooks"] = hooks + [dict(type="RichProgressHook", priority="VERY_LOW")]
     cfg["custom_imports"] = dict(imports=["akd_cli.mm.distiller"], allow_failed_imports=False)
     cfg["akd"] = dict(preset=preset.name, method=method if distilled else "none",
-                      role="teacher" if role == "teacher" else ("distilled" if distilled else "baseline"))
+                      role="teacher" if role == "teacher" else ("distilled" if distilled else "baseline"),
+                      dataset="synth" if preset.tiny else "coco")
     config = Config(cfg)
     if cfg_options:
         config.merge_from_dict(cfg_options)

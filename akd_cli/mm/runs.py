@@ -98,7 +98,8 @@ def check_request(request: TrainRequest, cfg) -> str:
     device = resolve_device(request.plan)
     if request.amp and device != "cuda":
         raise UserError("--amp needs CUDA GPUs (mixed precision is not supported on the CPU)")
-    check_dataset(cfg.data, splits=("train", "val") if request.validate else ("train",))
+    check_dataset(cfg.data, splits=("train", "val") if request.validate else ("train",),
+                  synthetic=cfg.get("akd", {}).get("dataset") == "synth")
     model = cfg.model
     if model.get("type") == "AKDDistiller" and model.get("teacher") is not None:
         check_checkpoint_path(model.get("teacher_checkpoint"), "teacher")

@@ -1,0 +1,38 @@
+"""Shared fixtures: a small synthetic dataset and a briefly trained tiny teacher, made once per session."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = "tiny-fcos-r34-r18"
+
+
+def run_akd(*args, cwd=None, timeout=600, env=None, check=True):
+    """`akd ARGS` in a subprocess; returns the CompletedProcess (stdout and stderr as text)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    result = subprocess.run([sys.executable, "-m", "akd_cli.cli", *map(str, args)], cwd=cwd, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"akd {' '.join(map(str, args))} exited {result.returncode}:\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    from akd_cli import synth
+
+    root = tmp_path_factory.mktemp("data") / "synth"
+    synth.generate(synth.SynthSpec(train_images=16, val_images=8, image_size=128, num_classes=6, seed=0), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(synth_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("teacher")
+    run_akd("train", "--preset", TINY, "--train-teacher", "--data-root", synth_root, "--work-dir", work,
+            "--epochs", "1", "--no-validate", cwd=work)
+    return work / "student.pth"

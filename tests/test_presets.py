@@ -1,0 +1,118 @@
+"""Presets: validation on load, lookup, the paper's numbers, and that every preset builds and trains a step."""
+import re
+from pathlib import Path
+
+import pytest
+
+from akd_cli.errors import UserError
+from akd_cli.presets import PresetError, list_presets, load_preset, load_preset_file, preset_paths
+
+from conftest import REPO, TINY
+
+PAPER_README = REPO.parent / "shared" / "reference" / "AvatarKD-README.md"
+FULL = sorted(p.name for p in list_presets() if not p.tiny)
+
+
+def test_there_is_a_preset_for_each_row_of_the_papers_tables():
+    presets = {p.name: p for p in list_presets()}
+    assert {p.table for p in presets.values() if not p.tiny} == {"baseline", "stronger"}
+    assert sum(p.table == "baseline" for p in presets.values()) == 3
+    assert sum(p.table == "stronger" for p in presets.values()) == 3
+    assert any(p.tiny for p in presets.values())
+    for name in FULL:
+        p = presets[name]
+        assert p.teacher.checkpoint.startswith("https://download.openmmlab.com/mmdetection/v2.0/")
+        assert p.student.config.startswith("mmdet://") and p.epochs == 24
+        assert None not in (p.student.reference_map, p.teacher.reference_map, p.reference_akd_map)
+
+
+def paper_rows(section):
+    """The table rows under a bullet of the original README ('Baseline settings', 'Stronger teachers')."""
+    lines = PAPER_README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if section in line)
+    rows = []
+    for line in lines[start + 1:]:
+        if line.strip().startswith(("*", "#")):
+            break
+        if line.strip().startswith("|") and "---" not in line:
+            rows.append(line)
+    return rows
+
+
+@pytest.mark.skipif(not PAPER_README.is_file(), reason="the original README is not beside this checkout")
+@pytest.mark.parametrize("name", FULL)
+def test_reference_maps_are_the_papers(name):
+    p = load_preset(name)
+    section = "Baseline settings" if p.table == "baseline" else "Stronger teachers"
+    wanted = (f"{p.student.name} ({p.student.reference_map:.1f})", f"({p.teacher.reference_map:.1f})",
+              f"{p.reference_akd_map:.1f}")
+    assert any(all(w in row for w in wanted) for row in paper_rows(section)), \
+        f"{name}: no row of the paper's '{section}' table holds {wanted}"
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(PresetError, match="did you mean reppoints-x101-r50"):
+        load_preset("reppoints-x101-r5")
+    with pytest.raises(PresetError, match="known presets"):
+        load_preset("zzzz")
+
+
+VALID = (REPO / "presets" / f"{TINY}.yaml").read_text()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("method: cwd", "method: kd"), "distill.method: unknown method 'kd'"),
+    (lambda t: t.replace("drop_rate: 0.1", "drop_rate: 1.5"), r"avatars.drop_rate: must be in \[0, 1\)"),
+    (lambda t: t.replace("num: 1,", "num: -2,"), "avatars.num: must be >= 0"),
+    (lambda t: t.replace("epochs: 12", "epochs: twelve"), "schedule.epochs: expected an integer"),
+    (lambda t: t.replace("name: tiny-fcos-r34-r18", "name: other"), "name: must equal the file name"),
+    (lambda t: t + "\nlearning_rate: 3\n", "learning_rate: unknown field"),
+    (lambda t: t.replace("student_channels: 64", "student_channels: [64, 64]"), "needs one entry per level"),
+    (lambda t: t.replace("tiny: true", "tiny: [true"), "not valid YAML"),
+])
+def test_invalid_presets_name_the_file_and_field(tmp_path, edit, message):
+    path = tmp_path / f"{TINY}.yaml"
+    path.write_text(edit(VALID))
+    with pytest.raises(PresetError, match=message) as info:
+        load_preset_file(path)
+    assert str(info.value).startswith(f"{TINY}.yaml: ")
+
+
+def test_preset_error_is_a_user_error():
+    assert issubclass(PresetError, UserError)
+
+
+def _random_batch(n=2, size=128):
+    import torch
+
+    img = torch.randn(n, 3, size, size)
+    metas = [dict(img_shape=(size, size, 3), ori_shape=(size, size, 3), pad_shape=(size, size, 3),
+                  scale_factor=1.0, flip=False, batch_input_shape=(size, size)) for _ in range(n)]
+    boxes = [torch.tensor([[4.0, 6.0, 40.0, 50.0], [20.0, 10.0, 100.0, 90.0]]) for _ in range(n)]
+    labels = [torch.tensor([0, 1]) for _ in range(n)]
+    return img, metas, boxes, labels
+
+
+@pytest.mark.parametrize("name", sorted(preset_paths()))
+def test_every_preset_builds_and_runs_a_training_step(name):
+    """Student, teacher and distiller from the generated config, one forward/backward, no weights."""
+    import torch
+
+    import akd_cli.mm.distiller  # noqa: F401
+    from akd_cli.mm.config import build_config
+    from mmdet.models import build_detector
+
+    cfg = build_config(load_preset(name))
+    model = build_detector(cfg.model)
+    model.train()
+    assert not model.teacher.training
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    losses = model.forward_train(*_random_batch())
+    loss, log_vars = model._parse_losses(losses)
+    akd_keys = [k for k in log_vars if k.startswith("loss_akd_")]
+    assert akd_keys == [f"loss_akd_{cfg.model.method}_fpn"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+    assert all(torch.equal(teacher_before[k], v) for k, v in model.teacher.state_dict().items())
