@@ -224,6 +224,114 @@ def train_command(
         console.print(f"[green]done[/]: student checkpoint {student}")
 
 
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="An exported student, a full akd checkpoint or a teacher checkpoint."),
+    preset: Optional[str] = _PRESET,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config instead of a preset (default: the config.py beside the checkpoint)."),
+    data_root: Optional[Path] = _DATA_ROOT,
+    gpus: int = typer.Option(1, "--gpus", "--nproc-per-node", min=1, max=1024, help="Workers (one per GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, max=256, help="Images per worker and step."),
+    dump: Optional[Path] = typer.Option(None, "--dump", help="Also write the detections here (COCO results format)."),
+    role: Optional[str] = typer.Option(None, "--role", help="Label for the table: teacher, baseline, kd or akd (default: from the work dir)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json goes (default: beside the checkpoint)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
+    cfg_options: Optional[List[str]] = _CFG_OPTS,
+) -> None:
+    """COCO bbox mAP of a checkpoint (AP, AP50, AP75, AP small/medium/large), written to metrics.json."""
+    from akd_cli.mm.config import parse_cfg_options
+    from akd_cli.mm.evaluate import METRIC_NAMES, EvalRequest, launch_eval
+    from akd_cli.mm.launch import LaunchPlan, resolve_device
+
+    _choice(role, ("teacher", "baseline", "kd", "akd"), "--role")
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
+    if not checkpoint.is_file():
+        raise UserError(f"checkpoint not found: {checkpoint}")
+    if trust_checkpoint:
+        from akd_cli.mm.compat import TRUST_ENV
+        os.environ[TRUST_ENV] = "1"
+    plan = LaunchPlan(nproc_per_node=gpus, device=device)
+    resolved = resolve_device(plan)
+    request = EvalRequest(checkpoint=str(checkpoint), preset=preset, config=str(config) if config else None,
+                          data_root=str(data_root) if data_root else None, role=role,
+                          dump=str(dump) if dump else None, batch_size=batch_size,
+                          cfg_options=parse_cfg_options(cfg_options or []),
+                          metrics_file=str(out) if out else None)
+    try:
+        record = launch_eval(request, plan, resolved)
+    except Exception as exc:
+        from akd_cli.mm.checks import friendly_message
+
+        message = friendly_message(exc)
+        if message is None:
+            raise
+        raise UserError(message) from None
+    from rich.table import Table
+
+    table = Table(title=f"{record['role']}: {checkpoint}", title_justify="left")
+    for name in METRIC_NAMES:
+        table.add_column(name, justify="right")
+    # pycocotools reports -1 for a size range without ground truth
+    table.add_row(*("-" if record["metrics"][n] < 0 else f"{100 * record['metrics'][n]:.1f}" for n in METRIC_NAMES))
+    console = _console()
+    console.print(table)
+    console.print(f"wrote {record['metrics_file']}" + (f" and {dump}" if dump else ""))
+
+
+@app.command("table")
+def table_command(
+    workdirs: Optional[List[Path]] = typer.Argument(None, help="Work dirs (searched for metrics.json) or metrics files."),
+    readme: Optional[Path] = typer.Option(None, "--readme", help="Write the tables between the akd-table markers of this file."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 if --readme's tables are stale; write nothing."),
+    format_: str = typer.Option("markdown", "--format", "-f", help="Printed form: markdown, csv or json."),
+) -> None:
+    """The paper's result tables with our mAPs beside them, from metrics.json files."""
+    from akd_cli import results
+
+    _choice(format_, ("markdown", "csv", "json"), "--format")
+    if check and readme is None:
+        raise UserError("--check needs --readme")
+    records, problems = results.collect(workdirs or [])
+    err = _console(stderr=True)
+    for problem in problems:
+        err.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
+    rows = results.build_rows(records)
+    block = results.render_markdown(rows)
+    if readme is not None:
+        changed = results.update_readme(readme, block, check=check)
+        if check:
+            if changed:
+                err.print(f"[red]{readme} is stale[/]: run 'akd table ... --readme {readme}'")
+                raise typer.Exit(1)
+            _console().print(f"{readme} is up to date")
+            return
+        _console().print(f"{'updated' if changed else 'unchanged'}: {readme}")
+    if format_ == "markdown":
+        _print_rich_tables(rows)
+    else:
+        typer.echo((results.render_csv if format_ == "csv" else results.render_json)(rows), nl=False)
+
+
+def _print_rich_tables(rows) -> None:
+    from rich.table import Table
+
+    from akd_cli import results
+
+    console = _console()
+    for key, title in results.SECTIONS:
+        section = [r for r in rows if r.section == key]
+        if not section:
+            continue
+        table = Table(title=title, title_justify="left", caption="paper / ours (ours - paper)", caption_justify="left")
+        for column in results.HEADER:
+            table.add_column(column, justify="left" if column in ("Student", "Teacher", "Base loss") else "right")
+        for row in section:
+            table.add_row(*results.row_cells(row))
+        console.print(table)
+
+
 def _progress(console):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)

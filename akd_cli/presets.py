@@ -60,6 +60,7 @@ class Preset:
     epochs: int = 24
     data: Dict[str, Any] = field(default_factory=dict)
     table: Optional[str] = None
+    table_row: int = 0
     reference_akd_map: Optional[float] = None
     tiny: bool = False
     path: Optional[Path] = None
@@ -153,7 +154,7 @@ def load_preset_file(path: Path) -> Preset:
     if not isinstance(raw, dict):
         _fail(path, "top level", "expected a mapping")
     allowed = {"name", "description", "student", "teacher", "distill", "avatars", "schedule", "data",
-               "table", "reference_akd_map", "tiny"}
+               "table", "table_row", "reference_akd_map", "tiny"}
     unknown = set(raw) - allowed
     if unknown:
         _fail(path, sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
@@ -191,6 +192,7 @@ def load_preset_file(path: Path) -> Preset:
         features=_features(distill, path), num_avatars=num, drop_rate=drop_rate, uncertainty=uncertainty,
         perturbation=perturbation, epochs=epochs,
         data=_get(raw, "data", dict, path, "", required=False, default={}), table=table,
+        table_row=_get(raw, "table_row", int, path, "", required=False, default=0),
         reference_akd_map=_get(raw, "reference_akd_map", float, path, "", required=False),
         tiny=_get(raw, "tiny", bool, path, "", required=False, default=False), path=path,
     )

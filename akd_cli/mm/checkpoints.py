@@ -2,29 +2,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict
 
 STUDENT_PREFIX = "student."
 
 
 def atomic_torch_save(obj, path) -> str:
-    """torch.save to a temporary sibling, fsync, then rename: the target is never half-written."""
+    """torch.save through akd_cli.fileio: the target is never half-written."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    try:
-        with open(partial, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return str(path)
+    from akd_cli import fileio
+
+    return str(fileio.atomic_write(path, lambda f: torch.save(obj, f), binary=True))
 
 
 def checkpoint_role(state_dict: Dict[str, object]) -> str:

@@ -7,7 +7,6 @@ pipeline and schedule, and ``custom_imports`` of akd's registrations, so mmdet's
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -179,12 +178,9 @@ def student_config(config):
 
 def dump_config(config, path: Path) -> Path:
     """Write a config file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(config.pretty_text)
-    os.replace(partial, path)
-    return path
+    from akd_cli import fileio
+
+    return fileio.write_text(path, config.pretty_text)
 
 
 def parse_cfg_options(items: Sequence[str]) -> Dict[str, Any]:

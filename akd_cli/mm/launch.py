@@ -80,14 +80,15 @@ def worker_env(plan: LaunchPlan, local_rank: int, device: str, port: int) -> Dic
     return env
 
 
-def run_workers(worker_args: Sequence[str], plan: LaunchPlan, device: str, poll_s: float = 0.5) -> None:
-    """Run ``python -m akd_cli.mm.train <worker_args>`` once per local worker and wait for all.
+def run_workers(worker_args: Sequence[str], plan: LaunchPlan, device: str, poll_s: float = 0.5,
+                module: str = "akd_cli.mm.train") -> None:
+    """Run ``python -m <module> <worker_args>`` once per local worker and wait for all.
 
     A worker that exits non-zero ends the others (SIGTERM, then SIGKILL) and raises a UserError
     naming its rank and exit code. Ctrl-C ends them all.
     """
     port = plan.master_port or (free_port() if plan.nnodes == 1 else 29500)
-    command = [sys.executable, "-m", "akd_cli.mm.train", *worker_args]
+    command = [sys.executable, "-m", module, *worker_args]
     processes: List[subprocess.Popen] = []
     try:
         for local_rank in range(plan.nproc_per_node):

@@ -35,7 +35,9 @@ def _init_distributed() -> bool:
 
 def _remove_partial_checkpoints(work_dir: str) -> None:
     """Leftovers of a run killed while saving: never complete, never loaded, safe to drop."""
-    for path in glob.glob(osp.join(work_dir, "*.partial-*")) + glob.glob(osp.join(work_dir, ".latest.pth.*")):
+    leftovers = [p for pattern in ("*.partial-*", ".*.partial-*", ".latest.pth.*")
+                 for p in glob.glob(osp.join(work_dir, pattern))]
+    for path in leftovers:
         try:
             os.remove(path)
         except OSError:

@@ -1,0 +1,311 @@
+"""COCO bbox evaluation of a checkpoint: an exported student, a full distiller checkpoint (its
+student is evaluated) or a teacher checkpoint, on one or many workers.
+
+The metrics are pycocotools' COCOeval with the parameters mmdet's CocoDataset.evaluate uses, on the
+detections mmdet's own results2json writes, so the numbers equal mmdet's test path (which rounds
+them to three decimals) and pycocotools run on the dumped detections.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from akd_cli import fileio
+from akd_cli.errors import UserError
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+ROLES = ("teacher", "baseline", "kd", "akd", "student", "detector")
+
+
+@dataclass
+class EvalRequest:
+    checkpoint: str
+    preset: Optional[str] = None
+    config: Optional[str] = None
+    data_root: Optional[str] = None
+    role: Optional[str] = None
+    dump: Optional[str] = None
+    batch_size: int = 1
+    cfg_options: Dict[str, Any] = field(default_factory=dict)
+    metrics_file: Optional[str] = None
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _retarget(node, old: str, new: str):
+    if isinstance(node, dict):
+        return {k: _retarget(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_retarget(v, old, new) for v in node]
+    if isinstance(node, str) and old and node.startswith(old):
+        return new.rstrip("/") + "/" + node[len(old):].lstrip("/")
+    return node
+
+
+def resolve_config(request: EvalRequest):
+    """The config to evaluate with: --config, --preset, or the config.py of the checkpoint's work dir."""
+    from mmcv import Config
+
+    from akd_cli.mm.config import build_config
+    from akd_cli.presets import load_preset
+
+    if request.preset and request.config:
+        raise UserError("give at most one of --preset and --config")
+    if request.preset:
+        cfg = build_config(load_preset(request.preset), data_root=request.data_root)
+    else:
+        path = Path(request.config) if request.config else Path(os.path.realpath(request.checkpoint)).parent / "config.py"
+        if not path.is_file():
+            raise UserError(f"config not found: {path}" if request.config else
+                            f"no config.py beside {request.checkpoint}: pass --preset or --config")
+        try:
+            cfg = Config.fromfile(str(path))
+        except Exception as exc:
+            raise UserError(f"cannot read config {path}: {' '.join(str(exc).split())[:200]}") from None
+        if request.data_root:
+            old = cfg.get("data_root") or "data/coco/"
+            cfg.data = _retarget(cfg.data._cfg_dict.to_dict() if hasattr(cfg.data, "_cfg_dict") else dict(cfg.data),
+                                 old, request.data_root)
+            cfg.data_root = request.data_root.rstrip("/") + "/"
+    if request.cfg_options:
+        cfg.merge_from_dict(request.cfg_options)
+    return cfg
+
+
+def _work_dir_role(cfg) -> str:
+    akd = cfg.get("akd", {}) or {}
+    role = akd.get("role")
+    if role in ("teacher", "baseline"):
+        return role
+    if role == "distilled":
+        avatars = (cfg.model.get("avatars") or {}).get("num_avatars", 1)
+        return "akd" if avatars else "kd"
+    return "student"
+
+
+def select_model(cfg, state_dict: Dict[str, Any], checkpoint: str):
+    """(model config, weights, role) for this checkpoint; a checkpoint that fits nothing names the keys."""
+    import akd_cli.mm.distiller  # noqa: F401
+    from akd_cli.mm.checkpoints import checkpoint_role, student_state_dict
+    from akd_cli.mm.distiller import CheckpointMismatch, check_fits
+    from mmdet.models import build_detector
+
+    model_cfg = cfg.model
+    if model_cfg.get("type") != "AKDDistiller":
+        candidates = [("detector", model_cfg)]
+    else:
+        candidates = [("student", model_cfg.student)]
+        if model_cfg.get("teacher"):
+            candidates.append(("teacher", model_cfg.teacher))
+    if checkpoint_role(state_dict) == "distiller":
+        if model_cfg.get("type") != "AKDDistiller":
+            raise UserError(f"{checkpoint} is a full akd checkpoint but the config is a plain detector's")
+        state_dict, candidates = student_state_dict(state_dict), candidates[:1]
+    first_error = None
+    for role, candidate in candidates:
+        model = build_detector(candidate)
+        try:
+            check_fits(model, state_dict, checkpoint, "student" if role == "detector" else role)
+        except CheckpointMismatch as exc:
+            first_error = first_error or exc
+            continue
+        model.load_state_dict(state_dict, strict=True)
+        return model, role
+    raise UserError(str(first_error))
+
+
+def _load_state_dict(checkpoint: str) -> Dict[str, Any]:
+    from akd_cli.mm import compat
+    from akd_cli.mm.compat import UnsafeCheckpointError
+
+    if not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint not found: {checkpoint}")
+    try:
+        state = compat.load_checkpoint_file(checkpoint, map_location="cpu")
+    except UnsafeCheckpointError as exc:
+        raise UserError(str(exc)) from None
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {checkpoint}: {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:160]}") from None
+    state_dict = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise UserError(f"{checkpoint} holds no state dict")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def coco_metrics(dataset, results_json: str) -> Dict[str, float]:
+    """COCOeval (bbox) with mmdet's parameters on a COCO results file."""
+    from pycocotools.cocoeval import COCOeval
+
+    with open(results_json) as f:
+        detections = json.load(f)
+    if not detections:  # pycocotools cannot load an empty result list; no detection means AP 0
+        return {name: 0.0 for name in METRIC_NAMES}
+    coco_gt = dataset.coco
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(detections)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.catIds = dataset.cat_ids
+        evaluator.params.imgIds = dataset.img_ids
+        evaluator.params.maxDets = [100, 300, 1000]  # mmdet's proposal_nums default
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(evaluator.stats[i]) for i, name in enumerate(METRIC_NAMES)}
+
+
+def run_inference(model, data_loader, device: str, rank: int, world_size: int, total: int) -> List[Any]:
+    import torch
+    from mmcv.parallel import MMDataParallel
+
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        model = MMDataParallel(model.cuda(local), device_ids=[local])
+    else:
+        model = MMDataParallel(model)
+    model.eval()
+    results: List[Any] = []
+    progress = _progress() if rank == 0 else contextlib.nullcontext()
+    with progress as bar:
+        task = bar.add_task("eval", total=total) if rank == 0 else None
+        for data in data_loader:
+            with torch.no_grad():
+                batch = model(return_loss=False, rescale=True, **data)
+            results.extend(batch)
+            if rank == 0:
+                bar.update(task, advance=min(len(batch) * world_size, total - bar.tasks[0].completed))
+    return results
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn())
+
+
+def evaluate(request: EvalRequest) -> Optional[Dict[str, Any]]:
+    """Evaluate in this process (one of WORLD_SIZE workers); rank 0 returns the metrics record."""
+    from akd_cli.mm import compat
+
+    compat.apply()
+    import torch
+    import torch.distributed as dist
+    from mmcv.runner import get_dist_info
+
+    from akd_cli import __version__
+    from akd_cli.mm.checks import check_dataset
+    from akd_cli.mm.train import _init_distributed
+    from mmdet.apis.test import collect_results_cpu
+    from mmdet.datasets import build_dataloader, build_dataset, replace_ImageToTensor
+
+    cfg = resolve_config(request)
+    check_dataset(cfg.data, splits=("test",))
+    state_dict = _load_state_dict(request.checkpoint)
+    model, fitted_role = select_model(cfg, state_dict, request.checkpoint)
+    role = request.role or (fitted_role if fitted_role in ("teacher", "detector") else _work_dir_role(cfg))
+    distributed = _init_distributed()
+    rank, world_size = get_dist_info()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    test_cfg = cfg.data.test
+    test_cfg.test_mode = True
+    if request.batch_size > 1:
+        test_cfg.pipeline = replace_ImageToTensor(test_cfg.pipeline)
+    dataset = build_dataset(test_cfg)
+    loader = build_dataloader(dataset, samples_per_gpu=request.batch_size, workers_per_gpu=cfg.data.get("workers_per_gpu", 0),
+                              dist=distributed, shuffle=False)
+    model.CLASSES = dataset.CLASSES
+    results = run_inference(model, loader, device, rank, world_size, len(dataset))
+    if distributed:
+        shared = Path(tempfile.gettempdir()) / f"akd-eval-{os.environ.get('MASTER_PORT', '0')}"
+        results = collect_results_cpu(results, len(dataset), str(shared))
+        dist.barrier()
+    if rank != 0:
+        return None
+    scratch = Path(tempfile.mkdtemp(prefix="akd-eval-"))
+    try:
+        files = dataset.results2json(results, str(scratch / "results"))
+        metrics = coco_metrics(dataset, files["bbox"])
+        if request.dump:
+            fileio.copy(files["bbox"], request.dump)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    akd = cfg.get("akd", {}) or {}
+    record = {
+        "preset": request.preset or akd.get("preset"),
+        "role": role,
+        "method": akd.get("method") if role in ("kd", "akd") else None,
+        "num_avatars": (cfg.model.get("avatars") or {}).get("num_avatars") if role == "akd" else None,
+        "checkpoint": os.path.abspath(request.checkpoint),
+        "checkpoint_sha256": sha256(request.checkpoint),
+        "dataset": {"ann_file": os.path.abspath(test_cfg.ann_file), "images": len(dataset)},
+        "metrics": metrics,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "akd_version": __version__,
+        "device": device, "workers": world_size,
+    }
+    out = request.metrics_file or str(Path(request.checkpoint).resolve().parent / "metrics.json")
+    fileio.write_json(out, record)
+    record["metrics_file"] = out
+    return record
+
+
+def main(argv=None) -> None:
+    """One evaluation worker (launched by `akd eval --gpus N`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("request_json")
+    parser.add_argument("--result-file")
+    args = parser.parse_args(argv)
+    request = EvalRequest(**json.loads(Path(args.request_json).read_text()))
+    try:
+        record = evaluate(request)
+    except Exception as exc:
+        from akd_cli.mm.checks import friendly_message
+
+        message = friendly_message(exc)
+        if message is None:
+            raise
+        print(f"error (rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if record is not None and args.result_file:
+        fileio.write_json(args.result_file, record)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def launch_eval(request: EvalRequest, plan, device: str) -> Dict[str, Any]:
+    """Evaluate on this process, or on ``plan``'s workers; returns the metrics record."""
+    from dataclasses import asdict
+
+    from akd_cli.mm.launch import run_workers
+
+    if plan.world_size == 1:
+        return evaluate(request)
+    scratch = Path(tempfile.mkdtemp(prefix="akd-eval-"))
+    try:
+        fileio.write_json(scratch / "request.json", asdict(request))
+        run_workers([str(scratch / "request.json"), "--result-file", str(scratch / "result.json")], plan, device,
+                    module="akd_cli.mm.evaluate")
+        return json.loads((scratch / "result.json").read_text())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

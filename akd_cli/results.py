@@ -1,0 +1,171 @@
+"""`akd table`: metrics.json files -> the paper's result tables, with our numbers beside the paper's.
+
+Pure Python (json and the presets): no torch, no mmdet.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from akd_cli import fileio
+from akd_cli.errors import UserError
+from akd_cli.presets import Preset, list_presets
+
+START, END = "<!-- akd-table:start -->", "<!-- akd-table:end -->"
+ROLES = ("baseline", "teacher", "kd", "akd")
+METHOD_NAMES = {"cwd": "CWD", "mgd": "MGD", "maskd": "MasKD", "fgd": "FGD", "pkd": "PKD", "mse": "MSE"}
+SECTIONS = (("baseline", "Baseline settings"), ("stronger", "Stronger teachers"), ("tiny", "Tiny presets (synthetic data)"))
+
+
+@dataclass
+class Row:
+    preset: Preset
+    ours: Dict[str, float] = field(default_factory=dict)   # role -> AP in percent
+    methods: Dict[str, str] = field(default_factory=dict)  # role -> base loss that produced it
+
+    @property
+    def section(self) -> str:
+        return "tiny" if self.preset.tiny else (self.preset.table or "")
+
+    def paper(self, role: str) -> Optional[float]:
+        return {"baseline": self.preset.student.reference_map, "teacher": self.preset.teacher.reference_map,
+                "akd": self.preset.reference_akd_map}.get(role)
+
+
+def collect(paths: Iterable[Path]) -> Tuple[List[dict], List[str]]:
+    """All metrics.json records under the given files or directories; corrupt ones become problems."""
+    records, problems = [], []
+    files: List[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(sorted(path.rglob("metrics.json")))
+        else:
+            problems.append(f"{path}: not found")
+    for file in files:
+        try:
+            record = json.loads(file.read_text())
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            ap = record["metrics"]["AP"]
+            if not isinstance(ap, (int, float)) or isinstance(ap, bool):
+                raise ValueError("metrics.AP is not a number")
+            if record.get("role") not in ROLES + ("student", "detector"):
+                raise ValueError(f"unknown role {record.get('role')!r}")
+            if not isinstance(record.get("preset"), str):
+                raise ValueError("no preset")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{file}: skipped ({type(exc).__name__}: {exc})")
+            continue
+        record["_file"] = str(file)
+        records.append(record)
+    return records, problems
+
+
+def build_rows(records: List[dict], presets: Optional[List[Preset]] = None) -> List[Row]:
+    """One row per preset of the paper's tables, plus tiny presets that have measurements.
+    Several measurements of one (preset, role): the most recent wins."""
+    presets = presets if presets is not None else list_presets()
+    by_name = {p.name: Row(p) for p in presets}
+    dates: Dict[Tuple[str, str], str] = {}
+    for record in records:
+        row, role = by_name.get(record["preset"]), record["role"]
+        if row is None or role not in ROLES:
+            continue
+        key = (record["preset"], role)
+        if key in dates and dates[key] > str(record.get("date", "")):
+            continue
+        dates[key] = str(record.get("date", ""))
+        row.ours[role] = 100.0 * float(record["metrics"]["AP"])
+        if record.get("method"):
+            row.methods[role] = record["method"]
+    rows = [row for row in by_name.values() if row.section in ("baseline", "stronger") or row.ours]
+    return sorted(rows, key=lambda r: (r.preset.table_row, r.preset.name))
+
+
+def _cell(paper: Optional[float], ours: Optional[float]) -> str:
+    p = "-" if paper is None else f"{paper:.1f}"
+    o = "-" if ours is None else f"{ours:.1f}"
+    delta = f" ({ours - paper:+.1f})" if paper is not None and ours is not None else ""
+    return f"{p} / {o}{delta}"
+
+
+HEADER = ("Student", "Teacher", "Base loss", "Student mAP", "Teacher mAP", "KD mAP", "AvatarKD mAP")
+
+
+def row_cells(row: Row) -> List[str]:
+    p = row.preset
+    method = row.methods.get("akd") or row.methods.get("kd") or p.method
+    avatars = f", {p.num_avatars} Avatar{'s' if p.num_avatars != 1 else ''}"
+    return [p.student.name or p.name, p.teacher.name or "-", METHOD_NAMES.get(method, method) + avatars,
+            _cell(p.student.reference_map, row.ours.get("baseline")),
+            _cell(p.teacher.reference_map, row.ours.get("teacher")),
+            _cell(None, row.ours.get("kd")),
+            _cell(p.reference_akd_map, row.ours.get("akd"))]
+
+
+def render_markdown(rows: List[Row]) -> str:
+    lines = ["Each cell: paper / ours (ours - paper), COCO box mAP. '-': not measured. "
+             "KD: the base loss without Avatars. Ours: `akd eval` of the checkpoints `akd table` was given."]
+    for key, title in SECTIONS:
+        section = [r for r in rows if r.section == key]
+        if not section:
+            continue
+        lines += ["", f"**{title}**", "", "| " + " | ".join(HEADER) + " |", "|" + "|".join(":---:" for _ in HEADER) + "|"]
+        lines += ["| " + " | ".join(row_cells(r)) + " |" for r in section]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: List[Row]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["table", "preset", "student", "teacher", "method",
+                     *[f"{role}_{src}" for role in ("student", "teacher", "kd", "akd") for src in ("paper", "ours")]])
+    for r in rows:
+        values = []
+        for role in ("baseline", "teacher", "kd", "akd"):
+            values += [_fmt(r.paper(role)), _fmt(r.ours.get(role))]
+        writer.writerow([r.section, r.preset.name, r.preset.student.name, r.preset.teacher.name, r.preset.method, *values])
+    return out.getvalue()
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def render_json(rows: List[Row]) -> str:
+    return json.dumps([{"table": r.section, "preset": r.preset.name, "student": r.preset.student.name,
+                        "teacher": r.preset.teacher.name, "method": r.preset.method,
+                        "paper": {role: r.paper(role) for role in ("baseline", "teacher", "akd")},
+                        "ours": {role: round(v, 2) for role, v in r.ours.items()}} for r in rows], indent=2) + "\n"
+
+
+def splice(text: str, block: str, path: str = "README") -> str:
+    """The text with ``block`` between the markers (added at the end if missing); nothing else changes."""
+    starts, ends = text.count(START), text.count(END)
+    if starts == 0 and ends == 0:
+        separator = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        return f"{text}{separator}{START}\n{block}{END}\n"
+    if starts != 1 or ends != 1 or text.index(START) > text.index(END):
+        raise UserError(f"{path}: expected one '{START}' followed by one '{END}', found {starts} and {ends}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}{END}{tail}"
+
+
+def update_readme(path: Path, block: str, check: bool = False) -> bool:
+    """Write the block between the markers. Returns True when the file changed (or, with ``check``,
+    would change); with ``check`` nothing is written."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    new = splice(text, block, str(path))
+    if new == text:
+        return False
+    if not check:
+        fileio.write_text(path, new)
+    return True
