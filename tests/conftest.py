@@ -36,3 +36,13 @@ def teacher_checkpoint(synth_root, tmp_path_factory):
     run_akd("train", "--preset", TINY, "--train-teacher", "--data-root", synth_root, "--work-dir", work,
             "--epochs", "1", "--no-validate", cwd=work)
     return work / "student.pth"
+
+
+@pytest.fixture(scope="session")
+def akd_run(synth_root, teacher_checkpoint, tmp_path_factory):
+    """One epoch of AKD (CWD, 2 Avatars) on one worker: (work dir, CompletedProcess)."""
+    work = tmp_path_factory.mktemp("akd-run")
+    result = run_akd("train", "--preset", TINY, "--data-root", synth_root, "--work-dir", work, "--epochs", 1,
+                     "--batch-size", 4, "--cfg-options", "log_config.interval=1",
+                     "--teacher-checkpoint", teacher_checkpoint, "--avatars", 2, cwd=work)
+    return work, result

@@ -41,14 +41,6 @@ def train_args(synth_root, work_dir, *extra, epochs=1):
             "--batch-size", 4, "--cfg-options", "log_config.interval=1", *extra]
 
 
-@pytest.fixture(scope="module")
-def akd_run(synth_root, teacher_checkpoint, tmp_path_factory):
-    work = tmp_path_factory.mktemp("akd-run")
-    result = run_akd(*train_args(synth_root, work, "--teacher-checkpoint", teacher_checkpoint, "--avatars", 2),
-                     cwd=work)
-    return work, result
-
-
 def test_one_worker_akd_run_trains_and_logs_the_distillation_loss(akd_run):
     work, result = akd_run
     assert "done: student checkpoint" in result.stdout
