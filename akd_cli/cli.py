@@ -94,7 +94,8 @@ def presets_command(
     from akd_cli.presets import list_presets
 
     table = Table(title="akd presets", title_justify="left")
-    for column in ("name", "student", "teacher", "method", "avatars", "epochs", "paper mAP (S / T / AKD)"):
+    table.add_column("name", no_wrap=True, style="bold")
+    for column in ("student", "teacher", "method", "avatars", "epochs", "paper mAP (S / T / AKD)"):
         table.add_column(column)
     shown = 0
     for p in list_presets():
@@ -103,7 +104,7 @@ def presets_command(
         refs = " / ".join("-" if v is None else f"{v:.1f}" for v in
                           (p.student.reference_map, p.teacher.reference_map, p.reference_akd_map))
         table.add_row(p.name, p.student.name or str(p.student.config), p.teacher.name or str(p.teacher.config),
-                      p.method, f"{p.num_avatars} x {p.perturbation} {p.drop_rate:g}, {p.uncertainty}",
+                      p.method, f"{p.num_avatars} x {p.perturbation} {p.drop_rate:g} ({p.uncertainty})",
                       str(p.epochs), refs)
         shown += 1
     if not shown:
@@ -330,6 +331,72 @@ def _print_rich_tables(rows) -> None:
         for row in section:
             table.add_row(*results.row_cells(row))
         console.print(table)
+
+
+@app.command("visualize")
+def visualize_command(
+    preset: str = typer.Option(..., "--preset", "-p", help="Preset name (see 'akd presets')."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="The student: exported or a full akd checkpoint."),
+    image: Path = typer.Option(..., "--image", help="The image to look at."),
+    out: Path = typer.Option(Path("vis"), "--out", "-o", help="Directory for the PNGs."),
+    teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
+    avatars: Optional[int] = typer.Option(None, "--avatars", min=0, max=16, help="Avatars to draw (default: the preset's)."),
+    levels: Optional[str] = typer.Option(None, "--levels", help="Comma-separated levels to draw (default: all)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the Avatars' perturbations."),
+    detections: bool = typer.Option(True, "--detections/--no-detections", help="Also draw teacher and student detections."),
+    score_thr: float = typer.Option(0.3, "--score-thr", min=0.0, max=1.0, help="Score threshold for drawn detections."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
+) -> None:
+    """Teacher, Avatar, uncertainty and student feature maps for one image (PNG per level)."""
+    from akd_cli.mm.visualize import VisualizeRequest, visualize
+
+    try:
+        level_list = [int(x) for x in levels.split(",")] if levels else None
+    except ValueError:
+        raise UserError(f"--levels takes comma-separated integers, got {levels!r}") from None
+    if trust_checkpoint:
+        from akd_cli.mm.compat import TRUST_ENV
+        os.environ[TRUST_ENV] = "1"
+    request = VisualizeRequest(preset=preset, checkpoint=str(checkpoint), image=str(image), out=str(out),
+                               teacher_checkpoint=teacher_checkpoint, avatars=avatars, levels=level_list, seed=seed,
+                               detections=detections, score_thr=score_thr)
+    try:
+        written = visualize(request)
+    except Exception as exc:
+        from akd_cli.mm.checks import friendly_message
+
+        message = friendly_message(exc)
+        if message is None:
+            raise
+        raise UserError(message) from None
+    _console().print(f"wrote {len(written)} image(s) to {out}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("work_dirs/demo"), "--out", "-o", help="Where the data, runs and table go."),
+    train_images: int = typer.Option(256, min=8, max=100_000, help="Synthetic training images."),
+    val_images: int = typer.Option(64, min=4, max=100_000, help="Synthetic validation images."),
+    teacher_epochs: int = typer.Option(12, min=1, max=500, help="Epochs of the tiny teacher."),
+    student_epochs: int = typer.Option(10, min=1, max=500, help="Epochs of each tiny student."),
+    seed: int = typer.Option(0, "--seed", min=0, help="One seed for data and all runs."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    force: bool = typer.Option(False, "--force", help="Replace the runs of an earlier demo in --out."),
+) -> None:
+    """The embedded demo: synthetic data, a tiny teacher, and one student trained three ways."""
+    from akd_cli.mm.demo import DemoSpec, run_demo, summary_lines, write_table
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
+    console = _console()
+    spec = DemoSpec(out=str(out), train_images=train_images, val_images=val_images, teacher_epochs=teacher_epochs,
+                    student_epochs=student_epochs, seed=seed, device=device)
+    records = run_demo(spec, force=force, say=lambda line: console.rule(line, align="left"))
+    table, rows = write_table(out)
+    _print_rich_tables(rows)
+    for line in summary_lines(records):
+        console.print(line)
+    console.print(f"table: {table}  ({records['_minutes']['value']} min)")
 
 
 def _progress(console):

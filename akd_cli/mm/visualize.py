@@ -1,0 +1,156 @@
+"""Feature maps of teacher, Avatars and student for one image, as in the paper's visualisation.
+
+For each distilled level, one PNG: the teacher's feature, each Avatar (titled with its uncertainty
+factor gamma), the Avatars' spread (per-position standard deviation across the Avatars: where they
+disagree) and the student's feature (after its align conv, i.e. in the teacher's space). Each panel
+is the channel-mean of |feature| over the image, with a colour bar; teacher and Avatars share one
+scale so they compare directly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from akd_cli.errors import UserError
+
+
+@dataclass
+class VisualizeRequest:
+    preset: str
+    checkpoint: str
+    image: str
+    out: str
+    teacher_checkpoint: Optional[str] = None
+    avatars: Optional[int] = None
+    levels: Optional[List[int]] = None
+    seed: int = 0
+    detections: bool = True
+    score_thr: float = 0.3
+
+
+def _prepare_image(cfg, image: str):
+    from mmcv.parallel import collate
+    from mmdet.datasets import replace_ImageToTensor
+    from mmdet.datasets.pipelines import Compose
+
+    pipeline = Compose(replace_ImageToTensor(cfg.data.test.pipeline))
+    data = collate([pipeline(dict(img_info=dict(filename=image), img_prefix=None))], samples_per_gpu=1)
+    return data["img"][0].data[0], data["img_metas"][0].data[0]
+
+
+def _heat(feature, meta, size):
+    """|feature| averaged over channels, cropped to the un-padded image and resized to the original."""
+    import torch.nn.functional as F
+
+    heat = feature.abs().mean(dim=1, keepdim=True)                      # 1 x 1 x h x w
+    pad_h, pad_w = meta["pad_shape"][:2]
+    img_h, img_w = meta["img_shape"][:2]
+    heat = F.interpolate(heat, size=(pad_h, pad_w), mode="bilinear", align_corners=False)[..., :img_h, :img_w]
+    return F.interpolate(heat, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def visualize(request: VisualizeRequest) -> List[str]:
+    from akd_cli.mm import compat
+
+    compat.apply()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mmcv
+    import torch
+
+    import akd_cli.mm.distiller  # noqa: F401
+    from akd_cli.core import make_avatar
+    from akd_cli.core.uncertainty import unnormalised_weight
+    from akd_cli.mm.checkpoints import student_state_dict
+    from akd_cli.mm.config import build_config
+    from akd_cli.mm.distiller import check_fits, load_weights
+    from akd_cli.mm.evaluate import _load_state_dict
+    from akd_cli.presets import load_preset
+    from mmdet.models import build_detector
+
+    if not Path(request.image).is_file():
+        raise UserError(f"image not found: {request.image}")
+    original = mmcv.imread(request.image)
+    if original is None:
+        raise UserError(f"cannot read image: {request.image}")
+    preset = load_preset(request.preset)
+    teacher_ckpt = request.teacher_checkpoint or preset.teacher.checkpoint
+    if not teacher_ckpt:
+        raise UserError(f"preset {preset.name} has no teacher checkpoint: pass --teacher-checkpoint")
+    cfg = build_config(preset, teacher_checkpoint=teacher_ckpt)
+    model = build_detector(cfg.model)
+    weights = student_state_dict(_load_state_dict(request.checkpoint))
+    check_fits(model.student, weights, request.checkpoint, "student")
+    model.student.load_state_dict(weights, strict=True)
+    load_weights(model.teacher, teacher_ckpt, "teacher")
+    model.eval()
+    classes = cfg.data.test.get("classes") or getattr(model.student, "CLASSES", None)
+    model.CLASSES = classes
+    img, metas = _prepare_image(cfg, request.image)
+    num_avatars = preset.num_avatars if request.avatars is None else request.avatars
+    out = Path(request.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: List[str] = []
+    with torch.no_grad():
+        model.student_recorder.start()
+        model.student.forward_dummy(img)
+        model.student_recorder.stop()
+        model.teacher_recorder.start()
+        model.teacher.forward_dummy(img)
+        model.teacher_recorder.stop()
+        torch.manual_seed(request.seed)
+        size = original.shape[:2]
+        rgb = mmcv.bgr2rgb(original)
+        for spec in model.distill:
+            students = model.student_recorder.levels(spec["student"])
+            teachers = model.teacher_recorder.levels(spec["teacher"])
+            if spec["name"] in model.align:
+                students = [conv(s) for conv, s in zip(model.align[spec["name"]], students)]
+            levels = request.levels if request.levels is not None else list(range(len(teachers)))
+            bad = [level for level in levels if not 0 <= level < len(teachers)]
+            if bad:
+                raise UserError(f"--levels: {spec['name']} has levels 0..{len(teachers) - 1}, got {bad}")
+            for level in levels:
+                teacher, student = teachers[level], students[level]
+                avatars = [make_avatar(teacher, preset.perturbation, preset.drop_rate) for _ in range(num_avatars)]
+                weights_k = torch.stack([unnormalised_weight(teacher, a, preset.uncertainty) for a in avatars]) \
+                    if avatars else torch.zeros(0, 1)
+                gammas = (weights_k / weights_k.sum(dim=0, keepdim=True))[:, 0].tolist() if avatars else []
+                panels = [("teacher", _heat(teacher, metas[0], size))]
+                panels += [(f"Avatar {k + 1} (gamma {g:.2f})", _heat(a, metas[0], size))
+                           for k, (a, g) in enumerate(zip(avatars, gammas))]
+                shared = panels[:]  # teacher and Avatars on one scale
+                if len(avatars) > 1:
+                    spread = torch.stack([a.abs().mean(dim=1, keepdim=True) for a in avatars]).std(dim=0)
+                    panels.append(("Avatar spread", _heat(spread, metas[0], size)))
+                panels.append(("student", _heat(student, metas[0], size)))
+                vmax = max(float(p[1].max()) for p in shared) or 1.0
+                fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+                for ax, (title, heat) in zip(axes[0], panels):
+                    ax.imshow(rgb)
+                    scale = dict(vmin=0.0, vmax=vmax) if (title, heat) in [(t, h) for t, h in shared] else {}
+                    shown = ax.imshow(heat, cmap="jet", alpha=0.55, **scale)
+                    ax.set_title(title, fontsize=9)
+                    ax.axis("off")
+                    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+                fig.suptitle(f"{preset.name}: {spec['name']} level {level} "
+                             f"({teacher.shape[-2]}x{teacher.shape[-1]}, {preset.perturbation} {preset.drop_rate:g}, "
+                             f"{preset.uncertainty})", fontsize=10)
+                fig.tight_layout()
+                path = out / f"{spec['name']}_level{level}.png"
+                fig.savefig(path, dpi=100)
+                plt.close(fig)
+                written.append(str(path))
+    if request.detections:
+        for role, detector in (("teacher", model.teacher), ("student", model.student)):
+            detector.CLASSES = classes
+            with torch.no_grad():
+                result = detector.simple_test(img, metas, rescale=True)[0]
+            path = out / f"detections_{role}.png"
+            detector.show_result(request.image, result, score_thr=request.score_thr, show=False, out_file=str(path))
+            written.append(str(path))
+    return written

@@ -1,0 +1,123 @@
+"""Micro-benchmark of the AKD core: forward + backward time and peak memory of each base loss,
+plain (no Avatars) and with 1, 2, 4 and 8 Avatars, on the FPN feature shapes of a ResNet-50
+detector at 1333x800 (padded to 1344x800), batch 2: P3-P7, 256 channels.
+
+Each configuration runs in a fresh process, so peak memory is that configuration's own:
+on CPU the growth of the process's peak RSS over its size once the features exist; on CUDA
+torch.cuda.max_memory_allocated over the same baseline.
+
+    python bench/core_losses.py [--device cpu|cuda] [--repeats 5] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 25, 42), (2, 256, 13, 21), (2, 256, 7, 11)]
+BASES = ("cwd", "mse", "pkd", "mgd", "maskd", "fgd")
+AVATARS = (0, 1, 2, 4, 8)
+
+
+def _peak_bytes(device: str) -> int:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(base: str, avatars: int, device: str, repeats: int) -> dict:
+    """One configuration, in this process."""
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from akd_cli import AKDLoss
+    from akd_cli.core import BASE_LOSSES
+
+    torch.manual_seed(0)
+    kwargs = {"channels": 256, "num_levels": len(SHAPES)} if BASE_LOSSES[base].needs_channels else {}
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, **kwargs).to(device)
+    student = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
+    teacher = [torch.randn(s, device=device) for s in SHAPES]
+    context = {}
+    if base == "fgd":
+        boxes = torch.tensor([[100.0, 80.0, 400.0, 360.0], [600.0, 300.0, 900.0, 700.0], [50, 500, 300, 780]], device=device)
+        context = {"gt_bboxes": [boxes, boxes[:2]], "img_shape": (800, 1344)}
+
+    def step():
+        loss = loss_fn(student, teacher, **context)
+        loss.backward()
+        for s in student:
+            s.grad = None
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = _peak_bytes(device) if device == "cuda" else _peak_bytes("cpu")
+    step()  # the first step is also the warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    peak = _peak_bytes(device) - before
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"base": base, "avatars": avatars, "ms": 1000 * statistics.median(times), "peak_mib": peak / 2 ** 20}
+
+
+def run_all(device: str, repeats: int) -> list:
+    rows = []
+    for base in BASES:
+        for avatars in AVATARS:
+            out = subprocess.run([sys.executable, __file__, "--one", base, str(avatars), "--device", device,
+                                  "--repeats", str(repeats)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  {base:>6} x{avatars}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
+    return rows
+
+
+def markdown(rows: list) -> str:
+    lines = ["| base loss | " + " | ".join(f"{k} Avatars" if k else "plain" for k in AVATARS) + " |",
+             "|---|" + "---|" * len(AVATARS)]
+    for base in BASES:
+        plain = next(r for r in rows if r["base"] == base and r["avatars"] == 0)
+        cells = []
+        for k in AVATARS:
+            r = next(r for r in rows if r["base"] == base and r["avatars"] == k)
+            if k == 0:
+                cells.append(f"{r['ms']:.0f} ms, {r['peak_mib']:.0f} MiB")
+            else:
+                cells.append(f"x{r['ms'] / plain['ms']:.2f} time, x{r['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f} mem")
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    parser.add_argument("--one", nargs=2, metavar=("BASE", "AVATARS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.repeats)))
+        return
+    rows = run_all(args.device, args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The benchmark suite: one command, one report (bench/RESULTS.md).
+
+    python bench/run.py                 # everything this machine can run (CUDA parts when present)
+    python bench/run.py --only startup,eval
+
+Every figure in the report comes with the machine, the date and the command that produced it.
+Measured against these goals: AKD with 1 Avatar adds at most 2% to a real training step, with 8
+Avatars at most 10% time and 5% peak memory; `akd --help` under 0.3 s; `akd eval` no slower than
+mmdet's own test path.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+PY = sys.executable
+AKD = [PY, "-m", "akd_cli.cli"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 2 ** 20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def timed(cmd, cwd=None, env=None) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def section(title: str, command: str, body: str, note: str = "") -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = f"## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body}\n"
+    return text + (f"\n{note}\n" if note else "")
+
+
+def bench_startup(repeats: int = 10) -> str:
+    akd_bin = Path(PY).parent / "akd"
+    cmd = [str(akd_bin), "--help"] if akd_bin.exists() else AKD + ["--help"]
+    timed(cmd)  # warm the file cache
+    times = [timed(cmd) for _ in range(repeats)]
+    med = statistics.median(times)
+    body = (f"| | median | min | max |\n|---|---|---|---|\n"
+            f"| `akd --help` ({repeats} runs) | {med:.3f} s | {min(times):.3f} s | {max(times):.3f} s |")
+    verdict = f"Goal: under 0.3 s: {'met' if med < 0.3 else 'NOT met'}."
+    return section("`akd --help` start-up", " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)), body, verdict)
+
+
+def bench_core(device: str) -> str:
+    cmd = [PY, str(BENCH / "core_losses.py"), "--device", device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    note = ("Cells: the plain base loss's forward+backward time and peak memory, then AKD's as multiples of it. "
+            "CWD, MSE, PKD and MGD fuse the Avatars before the student-side term; MasKD and FGD loop over them.")
+    return section(f"AKD core: loss forward+backward, ResNet-50 FPN shapes at 1333x800, batch 2 ({device})",
+                   f"python bench/core_losses.py --device {device}", out.strip(), note)
+
+
+def bench_train_step(preset: str, size: str, batch: int, device: str, repeats: int) -> str:
+    cmd = [PY, str(BENCH / "train_step.py"), "--preset", preset, "--size", size, "--batch", str(batch),
+           "--device", device, "--repeats", str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout.strip()
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines()[2:]}
+
+    def pct(label, col):
+        return float(rows[label].split("|")[col].strip().rstrip("%"))
+
+    one, eight_t, eight_m = pct("AKD, 1 Avatar", 3), pct("AKD, 8 Avatars", 3), pct("AKD, 8 Avatars", 5)
+    verdict = (f"Against the base loss: 1 Avatar {one:+.1f}% time (goal <= +2%: {'met' if one <= 2 else 'not met'}); "
+               f"8 Avatars {eight_t:+.1f}% time (goal <= +10%: {'met' if eight_t <= 10 else 'not met'}), "
+               f"{eight_m:+.1f}% peak memory (goal <= +5%: {'met' if eight_m <= 5 else 'not met'}).")
+    return section(f"Training step: {preset}, {size}, batch {batch} ({device})",
+                   " ".join(["python bench/train_step.py"] + cmd[3:]), out, verdict)
+
+
+def bench_eval(repeats: int = 3) -> str:
+    """`akd eval` against mmdet's tools/test.py: whole commands, same checkpoint and data."""
+    import mmdet
+
+    scratch = Path(tempfile.mkdtemp(prefix="akd-bench-eval-"))
+    try:
+        data = scratch / "synth"
+        subprocess.run(AKD + ["data", "synth", "--out", str(data), "--train-images", "16", "--val-images", "64"],
+                       check=True, capture_output=True)
+        work = scratch / "run"
+        subprocess.run(AKD + ["train", "--preset", "tiny-fcos-r34-r18", "--method", "none", "--data-root", str(data),
+                              "--work-dir", str(work), "--epochs", "1", "--no-validate"], check=True, capture_output=True)
+        tool = Path(mmdet.__file__).parent / ".mim" / "tools" / "test.py"
+        ours = AKD + ["eval", str(work / "student.pth"), "--out", str(scratch / "m.json")]
+        theirs = [PY, str(tool), str(work / "student_config.py"), str(work / "student.pth"), "--eval", "bbox"]
+        timed(ours)
+        timed(theirs)
+        t_ours = statistics.median(timed(ours) for _ in range(repeats))
+        t_theirs = statistics.median(timed(theirs) for _ in range(repeats))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    body = ("| command (64 images, 128 px, tiny FCOS-R18, 1 worker) | median wall time |\n|---|---|\n"
+            f"| `akd eval student.pth` | {t_ours:.2f} s |\n| `python mmdet/.mim/tools/test.py student_config.py student.pth --eval bbox` | {t_theirs:.2f} s |")
+    verdict = (f"`akd eval` / mmdet: x{t_ours / t_theirs:.2f} "
+               f"(goal: no slower: {'met' if t_ours <= t_theirs * 1.02 else 'not met'}; whole commands, start-up included).")
+    return section("`akd eval` against mmdet's own test path", "python bench/run.py --only eval", body, verdict)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="startup,core,train,eval", help="comma-separated: startup,core,train,eval")
+    parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
+    args = parser.parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    parts = args.only.split(",")
+    sections = []
+    if "startup" in parts:
+        sections.append(bench_startup())
+    if "core" in parts:
+        sections.append(bench_core("cpu"))
+        if cuda:
+            sections.append(bench_core("cuda"))
+    if "train" in parts:
+        sections.append(bench_train_step("tiny-fcos-r34-r18", "128x128", 8, "cpu", 10))
+        if cuda:
+            sections.append(bench_train_step("fcos-r101-r50", "1333x800", 2, "cuda", 20))
+    if "eval" in parts:
+        sections.append(bench_eval())
+    header = ("# Benchmark results\n\nWritten by `python bench/run.py` (see bench/README.md). "
+              "Each section says which machine, date and command produced it.\n")
+    if not cuda:
+        header += ("\nNo CUDA device on the machine that wrote this file: the CUDA sections (core losses on GPU, "
+                   "FCOS R101 -> R50 at 1333x800) are absent; run `python bench/run.py` on a CUDA machine to add them.\n")
+    Path(args.out).write_text(header + "\n" + "\n".join(sections))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
