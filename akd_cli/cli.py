@@ -48,6 +48,29 @@ def _root(
     """Avatar Knowledge Distillation (AvatarKD) for object detectors on mmdet 2.x."""
 
 
+def _call(fn, *args, **kwargs):
+    """Run a layer-2 call: failures a user can act on become one-line errors, bugs keep their traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        from akd_cli.mm.checks import friendly_message
+
+        message = friendly_message(exc)
+        if message is None:
+            raise
+        raise UserError(message) from None
+
+
+def _trust_checkpoints(trust: bool) -> None:
+    """--trust-checkpoint: the user's explicit choice to let checkpoints run pickled code when loaded."""
+    if trust:
+        from akd_cli.mm.compat import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(Path("data/synth"), "--out", "-o", help="Directory to write the dataset to."),
@@ -208,9 +231,7 @@ def train_command(
         raise UserError(f"--launcher must be pytorch or slurm, got {launcher!r}")
     if device not in ("auto", "cuda", "cpu"):
         raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
-    if trust_checkpoint:
-        from akd_cli.mm.compat import TRUST_ENV
-        os.environ[TRUST_ENV] = "1"
+    _trust_checkpoints(trust_checkpoint)
     plan = LaunchPlan(nproc_per_node=gpus, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
                       master_port=master_port, device=device)
     request = _train_request(preset, config, data_root, work_dir, teacher_checkpoint, method, avatars, drop_rate,
@@ -220,7 +241,7 @@ def train_command(
     from akd_cli.mm.runs import launch_training
 
     console = _console()
-    student = launch_training(request, on_config=lambda p: console.print(f"config: {p}"))
+    student = _call(launch_training, request, on_config=lambda p: console.print(f"config: {p}"))
     if student:
         console.print(f"[green]done[/]: student checkpoint {student}")
 
@@ -250,9 +271,7 @@ def eval_command(
         raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
     if not checkpoint.is_file():
         raise UserError(f"checkpoint not found: {checkpoint}")
-    if trust_checkpoint:
-        from akd_cli.mm.compat import TRUST_ENV
-        os.environ[TRUST_ENV] = "1"
+    _trust_checkpoints(trust_checkpoint)
     plan = LaunchPlan(nproc_per_node=gpus, device=device)
     resolved = resolve_device(plan)
     request = EvalRequest(checkpoint=str(checkpoint), preset=preset, config=str(config) if config else None,
@@ -260,15 +279,7 @@ def eval_command(
                           dump=str(dump) if dump else None, batch_size=batch_size,
                           cfg_options=parse_cfg_options(cfg_options or []),
                           metrics_file=str(out) if out else None)
-    try:
-        record = launch_eval(request, plan, resolved)
-    except Exception as exc:
-        from akd_cli.mm.checks import friendly_message
-
-        message = friendly_message(exc)
-        if message is None:
-            raise
-        raise UserError(message) from None
+    record = _call(launch_eval, request, plan, resolved)
     from rich.table import Table
 
     table = Table(title=f"{record['role']}: {checkpoint}", title_justify="left")
@@ -354,21 +365,11 @@ def visualize_command(
         level_list = [int(x) for x in levels.split(",")] if levels else None
     except ValueError:
         raise UserError(f"--levels takes comma-separated integers, got {levels!r}") from None
-    if trust_checkpoint:
-        from akd_cli.mm.compat import TRUST_ENV
-        os.environ[TRUST_ENV] = "1"
+    _trust_checkpoints(trust_checkpoint)
     request = VisualizeRequest(preset=preset, checkpoint=str(checkpoint), image=str(image), out=str(out),
                                teacher_checkpoint=teacher_checkpoint, avatars=avatars, levels=level_list, seed=seed,
                                detections=detections, score_thr=score_thr)
-    try:
-        written = visualize(request)
-    except Exception as exc:
-        from akd_cli.mm.checks import friendly_message
-
-        message = friendly_message(exc)
-        if message is None:
-            raise
-        raise UserError(message) from None
+    written = _call(visualize, request)
     _console().print(f"wrote {len(written)} image(s) to {out}")
 
 
@@ -391,7 +392,7 @@ def demo_command(
     console = _console()
     spec = DemoSpec(out=str(out), train_images=train_images, val_images=val_images, teacher_epochs=teacher_epochs,
                     student_epochs=student_epochs, seed=seed, device=device)
-    records = run_demo(spec, force=force, say=lambda line: console.rule(line, align="left"))
+    records = _call(run_demo, spec, force=force, say=lambda line: console.rule(line, align="left"))
     table, rows = write_table(out)
     _print_rich_tables(rows)
     for line in summary_lines(records):

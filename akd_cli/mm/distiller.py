@@ -200,8 +200,13 @@ def load_weights(model: nn.Module, checkpoint: str, role: str) -> None:
     state = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")  # weights_only: see compat
     state_dict = state.get("state_dict", state) if isinstance(state, dict) else state
     state_dict = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    load_checked(model, state_dict, checkpoint, role)
+
+
+def load_checked(model: nn.Module, state_dict: dict, checkpoint: str, role: str) -> None:
+    """Load weights that fit the model (``check_fits``), else raise CheckpointMismatch naming the keys."""
     check_fits(model, state_dict, checkpoint, role)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=False)  # check_fits was strict about everything but counters
 
 
 class CheckpointMismatch(ValueError):
@@ -210,7 +215,8 @@ class CheckpointMismatch(ValueError):
 
 def check_fits(model: nn.Module, state_dict: dict, checkpoint: str, role: str) -> None:
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    # BatchNorm's num_batches_tracked is a counter, not a weight; checkpoints of older torch lack it.
+    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in own]
     wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                    if k in state_dict and hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(v.shape)]

@@ -103,7 +103,7 @@ def select_model(cfg, state_dict: Dict[str, Any], checkpoint: str):
     """(model config, weights, role) for this checkpoint; a checkpoint that fits nothing names the keys."""
     import akd_cli.mm.distiller  # noqa: F401
     from akd_cli.mm.checkpoints import checkpoint_role, student_state_dict
-    from akd_cli.mm.distiller import CheckpointMismatch, check_fits
+    from akd_cli.mm.distiller import CheckpointMismatch, load_checked
     from mmdet.models import build_detector
 
     model_cfg = cfg.model
@@ -121,11 +121,10 @@ def select_model(cfg, state_dict: Dict[str, Any], checkpoint: str):
     for role, candidate in candidates:
         model = build_detector(candidate)
         try:
-            check_fits(model, state_dict, checkpoint, "student" if role == "detector" else role)
+            load_checked(model, state_dict, checkpoint, "student" if role == "detector" else role)
         except CheckpointMismatch as exc:
             first_error = first_error or exc
             continue
-        model.load_state_dict(state_dict, strict=True)
         return model, role
     raise UserError(str(first_error))
 

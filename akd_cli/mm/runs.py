@@ -144,19 +144,12 @@ def launch_training(request: TrainRequest, *, on_config=None) -> Optional[str]:
 
 
 def _in_process(worker_args: List[str]) -> Optional[str]:
-    from akd_cli.mm.checks import friendly_message
     from akd_cli.mm.train import train
 
     config, work_dir, *flags = worker_args
     seed = int(flags[flags.index("--seed") + 1])
-    try:
-        return train(config, work_dir, seed=seed, deterministic="--deterministic" in flags,
-                     resume="--resume" in flags, amp="--amp" in flags, validate="--no-validate" not in flags)
-    except Exception as exc:
-        message = friendly_message(exc)
-        if message is None:
-            raise
-        raise UserError(message) from None
+    return train(config, work_dir, seed=seed, deterministic="--deterministic" in flags,
+                 resume="--resume" in flags, amp="--amp" in flags, validate="--no-validate" not in flags)
 
 
 def _slurm(request: TrainRequest, worker_args: List[str]) -> Optional[str]:

@@ -67,7 +67,7 @@ def visualize(request: VisualizeRequest) -> List[str]:
     from akd_cli.core.uncertainty import unnormalised_weight
     from akd_cli.mm.checkpoints import student_state_dict
     from akd_cli.mm.config import build_config
-    from akd_cli.mm.distiller import check_fits, load_weights
+    from akd_cli.mm.distiller import load_checked, load_weights
     from akd_cli.mm.evaluate import _load_state_dict
     from akd_cli.presets import load_preset
     from mmdet.models import build_detector
@@ -84,8 +84,7 @@ def visualize(request: VisualizeRequest) -> List[str]:
     cfg = build_config(preset, teacher_checkpoint=teacher_ckpt)
     model = build_detector(cfg.model)
     weights = student_state_dict(_load_state_dict(request.checkpoint))
-    check_fits(model.student, weights, request.checkpoint, "student")
-    model.student.load_state_dict(weights, strict=True)
+    load_checked(model.student, weights, request.checkpoint, "student")
     load_weights(model.teacher, teacher_ckpt, "teacher")
     model.eval()
     classes = cfg.data.test.get("classes") or getattr(model.student, "CLASSES", None)
