@@ -60,6 +60,4 @@ def friendly_message(exc: BaseException) -> Optional[str]:
         return str(exc)
     if type(exc).__name__ == "CheckpointMismatch":
         return str(exc)
-    if isinstance(exc, KeyError) and "has no module" in str(exc):
-        return str(exc).strip("'\"")
     return None

@@ -10,6 +10,7 @@ Generated configs import it through ``custom_imports``, so mmdet's own tools run
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import os.path as osp
@@ -27,6 +28,7 @@ from mmdet.models import DETECTORS, build_detector  # noqa: E402
 from mmdet.models.detectors.base import BaseDetector  # noqa: E402
 
 from akd_cli.core import AKDLoss  # noqa: E402
+from akd_cli.errors import UserError  # noqa: E402
 
 BACKBONE_ONLY_PREFIXES = ("backbone", "neck")
 
@@ -45,8 +47,9 @@ class FeatureRecorder:
         self._handles = []
         for name in dict.fromkeys(names):
             if name not in modules:
-                close = [m for m in modules if m and (m.startswith(name.split(".")[0]))][:8]
-                raise KeyError(f"{role} has no module {name!r}; some that it has: {', '.join(close)}")
+                close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise UserError(f"{role} has no module {name!r}{hint}")
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))
 
     def _hook(self, name):
