@@ -31,11 +31,17 @@ def synth_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def teacher_checkpoint(synth_root, tmp_path_factory):
+def teacher_run(synth_root, tmp_path_factory):
+    """The tiny teacher trained alone for 32 iterations: enough to detect something (AP > 0)."""
     work = tmp_path_factory.mktemp("teacher")
     run_akd("train", "--preset", TINY, "--train-teacher", "--data-root", synth_root, "--work-dir", work,
-            "--epochs", "1", "--no-validate", cwd=work)
-    return work / "student.pth"
+            "--epochs", "8", "--batch-size", "4", "--no-validate", cwd=work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(teacher_run):
+    return teacher_run / "student.pth"
 
 
 @pytest.fixture(scope="session")

@@ -24,21 +24,27 @@ def refused(*args, cwd):
 
 
 @pytest.fixture(scope="module")
-def evaluated(akd_run, synth_root, tmp_path_factory):
-    work, _ = akd_run
+def evaluated(teacher_run, tmp_path_factory):
+    """The teacher run's exported checkpoint, evaluated with its work dir's config: (work, record, dump)."""
     dump = tmp_path_factory.mktemp("eval") / "detections.json"
-    run_akd("eval", work / "student.pth", "--data-root", synth_root, "--dump", dump, *ALL_SCORES, cwd=work)
-    return work, json.loads((work / "metrics.json").read_text()), dump
+    run_akd("eval", teacher_run / "student.pth", "--dump", dump, *ALL_SCORES, cwd=teacher_run)
+    return teacher_run, json.loads((teacher_run / "metrics.json").read_text()), dump
 
 
-def test_metrics_json_records_what_was_evaluated(evaluated, synth_root):
+def test_metrics_json_records_what_was_evaluated(evaluated):
     work, record, _ = evaluated
-    assert record["preset"] == TINY and record["role"] == "akd" and record["method"] == "cwd"
-    assert record["num_avatars"] == 2
+    assert record["preset"] == TINY and record["role"] == "teacher" and record["method"] is None
     assert record["checkpoint_sha256"] == hashlib.sha256((work / "student.pth").read_bytes()).hexdigest()
     assert record["dataset"]["images"] == 8 and record["dataset"]["ann_file"].endswith("instances_val.json")
     assert set(record["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert record["akd_version"] and record["date"]
+
+
+def test_a_distilled_students_metrics_name_its_method(akd_run, synth_root, tmp_path):
+    work, _ = akd_run
+    run_akd("eval", work / "student.pth", "--data-root", synth_root, "--out", tmp_path / "m.json", cwd=work)
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert (record["role"], record["method"], record["num_avatars"]) == ("akd", "cwd", 2)
 
 
 def test_map_equals_pycocotools_on_the_dumped_detections(evaluated, synth_root):
@@ -68,23 +74,25 @@ def test_map_equals_mmdets_own_test_path(evaluated):
                              "--eval", "bbox", "--cfg-options", "model.test_cfg.score_thr=0.0"],
                             cwd=work, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    reported = {m.group(1): float(m.group(2)) for m in re.finditer(r"'bbox_(mAP(?:_50|_75|_s|_m)?)': ([-\d.]+)", result.stdout)}
+    # mmdet prints an OrderedDict: ('bbox_mAP', 0.123), ...
+    reported = {m.group(1): float(m.group(2))
+                for m in re.finditer(r"'bbox_(mAP(?:_50|_75|_s|_m)?)'[,:] ([-\d.]+)", result.stdout)}
     ours = record["metrics"]
-    assert reported["mAP"] == round(ours["AP"], 3) and reported["mAP_50"] == round(ours["AP50"], 3)
-    assert reported["mAP_75"] == round(ours["AP75"], 3) and reported["mAP_s"] == round(ours["APs"], 3)
+    assert reported["mAP"] == round(ours["AP"], 4) and reported["mAP_50"] == round(ours["AP50"], 4)
+    assert reported["mAP_75"] == round(ours["AP75"], 4) and reported["mAP_s"] == round(ours["APs"], 4)
 
 
-def test_full_checkpoint_evaluates_its_student(evaluated, synth_root, tmp_path):
+def test_full_checkpoint_evaluates_its_student(evaluated, tmp_path):
     work, record, _ = evaluated
-    run_akd("eval", work / "latest.pth", "--data-root", synth_root, "--out", tmp_path / "m.json", *ALL_SCORES, cwd=work)
+    run_akd("eval", work / "latest.pth", "--out", tmp_path / "m.json", *ALL_SCORES, cwd=work)
     full = json.loads((tmp_path / "m.json").read_text())
-    assert full["metrics"] == record["metrics"] and full["role"] == "akd"
+    assert full["metrics"] == record["metrics"] and full["role"] == "teacher"
 
 
-def test_two_workers_give_the_same_map(evaluated, synth_root, tmp_path):
+def test_two_workers_give_the_same_map(evaluated, tmp_path):
     work, record, _ = evaluated
-    run_akd("eval", work / "student.pth", "--data-root", synth_root, "--gpus", 2, "--device", "cpu",
-            "--out", tmp_path / "m.json", *ALL_SCORES, cwd=work)
+    run_akd("eval", work / "student.pth", "--gpus", 2, "--device", "cpu", "--out", tmp_path / "m.json", *ALL_SCORES,
+            cwd=work)
     two = json.loads((tmp_path / "m.json").read_text())
     assert two["metrics"] == record["metrics"] and two["workers"] == 2
 
@@ -95,8 +103,8 @@ def test_teacher_checkpoint_is_recognised(teacher_checkpoint, synth_root, tmp_pa
     assert json.loads((tmp_path / "m.json").read_text())["role"] == "teacher"
 
 
-def test_eval_refusals(evaluated, synth_root, tmp_path):
-    work, _, _ = evaluated
+def test_eval_refusals(akd_run, synth_root, tmp_path):
+    work, _ = akd_run
     wrong = tmp_path / "wrong.pth"
     torch.save({"state_dict": {"neck.lateral_convs.0.conv.weight": torch.zeros(3)}}, wrong)
     message = refused("eval", wrong, "--preset", TINY, "--data-root", synth_root, cwd=tmp_path)
@@ -139,7 +147,7 @@ def test_table_writes_between_the_markers_only_and_is_idempotent(evaluated, tmp_
     assert tail == README.split("<!-- akd-table:end -->")[1]
     assert "old table" not in block and "**Baseline settings**" in block and "**Stronger teachers**" in block
     ours = f"{100 * record['metrics']['AP']:.1f}"
-    assert f"| FCOS-R18 (tiny) | FCOS-R34 (tiny) | CWD, 1 Avatar | - / - | - / - | - / - | - / {ours} |" in block
+    assert f"| FCOS-R18 (tiny) | FCOS-R34 (tiny) | CWD, 1 Avatar | - / - | - / {ours} | - / - | - / - |" in block
     assert "| Faster RCNN-R50 | Faster RCNN-R101 | CWD, 1 Avatar | 38.4 / - | 39.8 / - | - / - | 40.9 / - |" in block
     second = run_akd("table", work, "--readme", readme, cwd=tmp_path)
     assert "unchanged" in second.stdout and readme.read_text() == text
@@ -181,7 +189,7 @@ def test_table_reports_and_skips_corrupt_metrics(evaluated, tmp_path):
     result = run_akd("table", work, bad, tmp_path / "odd", tmp_path / "missing", "-f", "json", cwd=tmp_path)
     assert result.stderr.count("warning:") == 3 and "skipped" in result.stderr
     rows = {r["preset"]: r for r in json.loads(result.stdout)}
-    assert rows[TINY]["ours"]["akd"] == pytest.approx(100 * record["metrics"]["AP"], abs=0.01)
+    assert rows[TINY]["ours"] == {"teacher": pytest.approx(100 * record["metrics"]["AP"], abs=0.01)}
     assert rows["fcos-r101-r50"]["paper"] == {"baseline": 38.5, "teacher": 40.8, "akd": 42.9}
     assert rows["fcos-r101-r50"]["ours"] == {}
 

@@ -113,7 +113,7 @@ def test_annotations_load_through_mmdet_coco_dataset(dataset):
         type="CocoDataset", classes=classes, ann_file=str(dataset / "annotations" / "instances_train.json"),
         img_prefix=str(dataset / "train") + "/",
         pipeline=[dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
-                  dict(type="Resize", img_scale=(96, 96), keep_ratio=True),
+                  dict(type="Resize", img_scale=(96, 96), keep_ratio=True), dict(type="RandomFlip", flip_ratio=0.0),
                   dict(type="Normalize", mean=[0, 0, 0], std=[1, 1, 1], to_rgb=True),
                   dict(type="Pad", size_divisor=32), dict(type="DefaultFormatBundle"),
                   dict(type="Collect", keys=["img", "gt_bboxes", "gt_labels"])]))

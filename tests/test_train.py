@@ -228,6 +228,6 @@ def test_non_finite_loss_stops_the_run_with_a_clear_message():
     from mmdet.models import build_detector
 
     model = build_detector(build_config(load_preset(TINY), method="none").model)
-    model.forward_train = lambda **data: {"loss_cls": torch.tensor(float("nan"), requires_grad=True)}
+    model.forward_train = lambda img, img_metas, **kw: {"loss_cls": torch.tensor(float("nan"), requires_grad=True)}
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(loss_cls, loss\)"):
-        model.train_step({"img": None}, None)
+        model.train_step({"img": torch.zeros(1, 3, 32, 32), "img_metas": [{}]}, None)

@@ -52,9 +52,9 @@ def check_checkpoint_path(checkpoint: Optional[str], role: str) -> None:
 
 def friendly_message(exc: BaseException) -> Optional[str]:
     """One line for failures a user can act on; None for bugs (those keep their traceback)."""
-    from akd_cli.mm.compat import UnsafeCheckpointError
+    from akd_cli.mm.compat import CheckpointLoadError
 
-    if isinstance(exc, (UserError, UnsafeCheckpointError, FileNotFoundError)):
+    if isinstance(exc, (UserError, CheckpointLoadError, FileNotFoundError)):
         return str(exc)
     if isinstance(exc, FloatingPointError):
         return str(exc)

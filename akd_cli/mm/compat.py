@@ -13,8 +13,16 @@ _APPLIED = False
 TRUST_ENV = "AKD_TRUST_CHECKPOINTS"
 
 
-class UnsafeCheckpointError(Exception):
+class CheckpointLoadError(Exception):
+    """A checkpoint file that cannot be loaded; the message says why in one line."""
+
+
+class UnsafeCheckpointError(CheckpointLoadError):
     """A checkpoint that only a code-executing unpickler can read, and the user did not opt in."""
+
+
+class CorruptCheckpointError(CheckpointLoadError):
+    """Not a checkpoint torch can read: truncated, corrupt, or another kind of file."""
 
 
 def apply() -> None:
@@ -109,19 +117,25 @@ def trusted() -> bool:
 def load_checkpoint_file(filename: str, map_location=None):
     """torch.load with weights_only=True unless the user opted in (``--trust-checkpoint``)."""
     import pickle
+    import re
 
     import torch
 
-    if trusted():
-        return torch.load(filename, map_location=map_location, weights_only=False)
     try:
+        if trusted():
+            return torch.load(filename, map_location=map_location, weights_only=False)
         return torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafeCheckpointError(
-            f"{filename} holds Python objects that can only be loaded by running pickled code "
-            f"({first_line}); if you trust where it came from, pass --trust-checkpoint "
-            f"(or set {TRUST_ENV}=1)") from None
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if needs:
+            raise UnsafeCheckpointError(
+                f"{filename} holds Python objects ({needs.group(1)}) that can only be loaded by running pickled "
+                f"code; if you trust where it came from, pass --trust-checkpoint (or set {TRUST_ENV}=1)") from None
+        raise CorruptCheckpointError(f"cannot read checkpoint {filename}: corrupt, truncated or not a torch file") from None
+    except (RuntimeError, EOFError) as exc:
+        if isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc) or "zip archive" in str(exc):
+            raise CorruptCheckpointError(f"cannot read checkpoint {filename}: corrupt, truncated or not a torch file") from None
+        raise
 
 
 def _load_checkpoints_weights_only() -> None:

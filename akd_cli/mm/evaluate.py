@@ -3,7 +3,7 @@ student is evaluated) or a teacher checkpoint, on one or many workers.
 
 The metrics are pycocotools' COCOeval with the parameters mmdet's CocoDataset.evaluate uses, on the
 detections mmdet's own results2json writes, so the numbers equal mmdet's test path (which rounds
-them to three decimals) and pycocotools run on the dumped detections.
+them to four decimals) and pycocotools run on the dumped detections.
 """
 from __future__ import annotations
 
@@ -131,17 +131,13 @@ def select_model(cfg, state_dict: Dict[str, Any], checkpoint: str):
 
 def _load_state_dict(checkpoint: str) -> Dict[str, Any]:
     from akd_cli.mm import compat
-    from akd_cli.mm.compat import UnsafeCheckpointError
 
     if not Path(checkpoint).is_file():
         raise UserError(f"checkpoint not found: {checkpoint}")
     try:
         state = compat.load_checkpoint_file(checkpoint, map_location="cpu")
-    except UnsafeCheckpointError as exc:
+    except compat.CheckpointLoadError as exc:
         raise UserError(str(exc)) from None
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {checkpoint}: {type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:160]}") from None
     state_dict = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserError(f"{checkpoint} holds no state dict")
