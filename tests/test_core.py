@@ -285,6 +285,26 @@ def test_avatars_are_unbiased():
         assert (mean - teacher).abs().mean() < 0.1 * teacher.abs().mean()
 
 
+@pytest.mark.parametrize("base", sorted(BASE_LOSSES))
+@pytest.mark.parametrize("fused", [True, False])
+def test_half_precision_features_give_the_float32_loss(base, fused):
+    """Mixed precision: float16 features (as under AMP), with weights far beyond float16's range."""
+    g = torch.Generator().manual_seed(0)
+    student = [torch.randn(2, CHANNELS, 90, 80, generator=g) for _ in range(LEVELS)]
+    teacher = [torch.randn(2, CHANNELS, 90, 80, generator=g) * 3 for _ in range(LEVELS)]
+    values = []
+    for dtype in (torch.float16, torch.float32):
+        torch.manual_seed(0)
+        akd = AKDLoss(base=base, num_avatars=3, fused=fused, **base_kwargs(base))
+        torch.manual_seed(1)
+        cast = [[x.to(dtype) for x in feats] for feats in (student, teacher)]
+        ctx = context(base)
+        if ctx:
+            ctx["img_shape"] = (720, 640)
+        values.append(akd(*cast, **ctx).item())
+    assert math.isfinite(values[0]) and values[0] == pytest.approx(values[1], rel=2e-2)
+
+
 def test_loss_is_deterministic_under_a_seed():
     student, teacher = features()
     values = []

@@ -87,7 +87,9 @@ class AKDLoss(nn.Module):
             student = standardise(student)
         prepared = base.prepare_student(student, **context)
         fuse = self.fused and base.fusable
-        total_weight = weighted = weighted_constant = None
+        # Weights and accumulators stay in float32 whatever the features' dtype: the unnormalised
+        # weights exceed float16's range (1 / u is ~1e5 on real FPN maps), which under AMP made NaNs.
+        total_weight = weighted = weighted_constant = phi_dtype = None
         for _ in range(self.num_avatars):
             avatar = make_avatar(teacher, self.perturbation, self.drop_rate)
             weight = unnormalised_weight(teacher, avatar, self.uncertainty)        # N, float32
@@ -95,19 +97,20 @@ class AKDLoss(nn.Module):
                 avatar = standardise(avatar)
             if fuse:
                 phi = base.target(avatar, **context)
-                term = phi * weight.to(phi.dtype).view(-1, *([1] * (phi.dim() - 1)))
+                phi_dtype = phi.dtype
+                term = phi.float() * weight.view(-1, *([1] * (phi.dim() - 1)))
                 constant = base.target_constant(phi, **context) * weight.double()
                 weighted = term if weighted is None else weighted + term
                 weighted_constant = constant if weighted_constant is None else weighted_constant + constant
             else:
-                term = base.per_image(prepared, avatar, **context) * weight.to(prepared.dtype)
+                term = base.per_image(prepared, avatar, **context).float() * weight
                 weighted = term if weighted is None else weighted + term
             total_weight = weight if total_weight is None else total_weight + weight
             del avatar
         if fuse:
-            phi_bar = weighted / total_weight.to(weighted.dtype).view(-1, *([1] * (weighted.dim() - 1)))
+            phi_bar = (weighted / total_weight.view(-1, *([1] * (weighted.dim() - 1)))).to(phi_dtype)
             return base.fused(prepared, phi_bar, weighted_constant / total_weight.double(), **context).sum()
-        return (weighted / total_weight.to(weighted.dtype)).sum()
+        return (weighted / total_weight).sum()
 
     def _validate(self, student: Features, teacher: Features):
         students = [student] if torch.is_tensor(student) else list(student)

@@ -82,7 +82,7 @@ class CWDLoss(BaseLoss):
         return torch.xlogy(phi, phi).sum(dim=(1, 2)).double() * self._scale(phi)
 
     def fused(self, prepared, phi, constant, **context):
-        cross = (phi * prepared).sum(dim=(1, 2)) * self._scale(prepared)
+        cross = (phi.float() * prepared.float()).sum(dim=(1, 2)) * self._scale(prepared)
         return constant.to(cross.dtype) - cross
 
 
@@ -108,7 +108,7 @@ class MSELoss(BaseLoss):
 
     def fused(self, prepared, phi, constant, **context):
         spread = (constant - phi.double().pow(2).flatten(1).sum(dim=1)).clamp_min(0.0)
-        squared = (prepared - phi).pow(2).flatten(1).sum(dim=1)
+        squared = (prepared - phi).float().pow(2).flatten(1).sum(dim=1)  # float32: fp16 sums overflow
         return (squared + spread.to(squared.dtype)) * self._scale(prepared)
 
 
@@ -163,7 +163,7 @@ class MGDLoss(MSELoss):
     def prepare_student(self, student, **context):
         n, _, h, w = student.shape
         keep = (torch.rand((n, 1, h, w), device=student.device) >= self.lambda_mgd).to(student.dtype)
-        return self.generation(student * keep)
+        return self.generation((student * keep).to(self.generation[0].weight.dtype))
 
 
 class MasKDLoss(BaseLoss):
@@ -200,8 +200,8 @@ class MasKDLoss(BaseLoss):
 
     def per_image(self, prepared, teacher, **context):
         n, c = teacher.shape[:2]
-        masks = self.masks(teacher)                                     # N x M x H x W
-        error = (prepared - teacher).pow(2).sum(dim=1, keepdim=True)    # N x 1 x H x W
+        masks = self.masks(teacher.float())                                     # N x M x H x W
+        error = (prepared - teacher).float().pow(2).sum(dim=1, keepdim=True)    # N x 1 x H x W
         per_mask = (masks * error).sum(dim=(2, 3)) / (masks.sum(dim=(2, 3)) + 1e-6)
         return per_mask.sum(dim=1) * self.loss_weight / (n * masks.shape[1] * c)
 
@@ -285,6 +285,8 @@ class FGDLoss(BaseLoss):
             raise ValueError("fgd needs the ground-truth boxes: pass gt_bboxes=[...] and img_shape=(H, W)")
         if len(gt_bboxes) != teacher.shape[0]:
             raise ValueError(f"fgd: {len(gt_bboxes)} box lists for a batch of {teacher.shape[0]} images")
+        dtype = self.conv_mask_s.weight.dtype  # its sums overflow float16, and its convs are float32
+        prepared, teacher = prepared.to(dtype), teacher.to(dtype)
         s_spatial, s_channel = self._attention(prepared)
         t_spatial, t_channel = self._attention(teacher)
         fg, bg = self._masks(teacher, gt_bboxes, img_shape)
