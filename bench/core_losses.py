@@ -18,6 +18,11 @@ import subprocess
 import sys
 import time
 
+# glibc raises its mmap threshold after large frees and keeps later large buffers on the heap, so a
+# process's peak RSS would count freed memory. A fixed threshold returns large buffers to the OS on
+# free: peak RSS then follows the live tensors (CPU only; CUDA uses max_memory_allocated).
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
 SHAPES = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 25, 42), (2, 256, 13, 21), (2, 256, 7, 11)]
 BASES = ("cwd", "mse", "pkd", "mgd", "maskd", "fgd")
 AVATARS = (0, 1, 2, 4, 8)
@@ -72,16 +77,31 @@ def measure(base: str, avatars: int, device: str, repeats: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"base": base, "avatars": avatars, "ms": 1000 * statistics.median(times), "peak_mib": peak / 2 ** 20}
+    return {"base": base, "avatars": avatars, "ms": 1000 * statistics.median(times) if times else None,
+            "peak_mib": peak / 2 ** 20}
+
+
+def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
+    """Time in one fresh process (the default allocator), peak memory in another (on CPU with
+    CPU_MEMORY_ENV, which makes large allocations slower and so must not be timed)."""
+    def run(extra, env):
+        out = subprocess.run([sys.executable, *args, *extra], capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise SystemExit(out.stderr[-2000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    timed = run(["--repeats", str(repeats)], dict(os.environ))
+    if device == "cuda":
+        return timed
+    return dict(timed, peak_mib=run(["--repeats", "0"], dict(os.environ, **CPU_MEMORY_ENV))["peak_mib"])
 
 
 def run_all(device: str, repeats: int) -> list:
     rows = []
     for base in BASES:
         for avatars in AVATARS:
-            out = subprocess.run([sys.executable, __file__, "--one", base, str(avatars), "--device", device,
-                                  "--repeats", str(repeats)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(_measure_in_subprocesses([__file__, "--one", base, str(avatars), "--device", device],
+                                                 repeats, device))
             print(f"  {base:>6} x{avatars}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows
 

@@ -17,6 +17,11 @@ import subprocess
 import sys
 import time
 
+# glibc raises its mmap threshold after large frees and keeps later large buffers on the heap, so a
+# process's peak RSS would count freed memory. A fixed threshold returns large buffers to the OS on
+# free: peak RSS then follows the live tensors (CPU only; CUDA uses max_memory_allocated).
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
 CONFIGS = (("no distillation", "none", 0), ("base loss", None, 0), ("AKD, 1 Avatar", None, 1),
            ("AKD, 4 Avatars", None, 4), ("AKD, 8 Avatars", None, 8))
 
@@ -77,18 +82,30 @@ def measure(preset_name: str, method, avatars: int, width: int, height: int, bat
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"ms": 1000 * statistics.median(times), "peak_mib": (after - before) / 2 ** 20}
+    return {"ms": 1000 * statistics.median(times) if times else None, "peak_mib": (after - before) / 2 ** 20}
+
+
+def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
+    """Time in one fresh process (the default allocator), peak memory in another (on CPU with
+    CPU_MEMORY_ENV, which makes large allocations slower and so must not be timed)."""
+    def run(extra, env):
+        out = subprocess.run([sys.executable, *args, *extra], capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise SystemExit(out.stderr[-2000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    timed = run(["--repeats", str(repeats)], dict(os.environ))
+    if device == "cuda":
+        return timed
+    return dict(timed, peak_mib=run(["--repeats", "0"], dict(os.environ, **CPU_MEMORY_ENV))["peak_mib"])
 
 
 def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int) -> list:
     rows = []
     for label, method, avatars in CONFIGS:
-        cmd = [sys.executable, __file__, "--preset", preset, "--size", size, "--batch", str(batch), "--device", device,
-               "--warmup", str(warmup), "--repeats", str(repeats), "--one", method or "preset", str(avatars)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(out.stderr[-2000:])
-        row = dict(json.loads(out.stdout.strip().splitlines()[-1]), label=label)
+        args = [__file__, "--preset", preset, "--size", size, "--batch", str(batch), "--device", device,
+                "--warmup", str(warmup), "--one", method or "preset", str(avatars)]
+        row = dict(_measure_in_subprocesses(args, repeats, device), label=label)
         rows.append(row)
         print(f"  {label:>16}: {row['ms']:8.1f} ms  {row['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows

@@ -1,7 +1,5 @@
 """The launcher (rank failures, Slurm) and the distiller's recording of head outputs."""
 import os
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 

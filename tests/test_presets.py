@@ -1,6 +1,4 @@
 """Presets: validation on load, lookup, the paper's numbers, and that every preset builds and trains a step."""
-import re
-from pathlib import Path
 
 import pytest
 

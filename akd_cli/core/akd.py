@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from akd_cli.core.avatars import PERTURBATIONS, make_avatar
 from akd_cli.core.losses import BASE_LOSSES, build_base_losses
-from akd_cli.core.uncertainty import UNCERTAINTY_MODES, standardise, unnormalised_weight
+from akd_cli.core.uncertainty import UNCERTAINTY_MODES, AvatarWeigher, standardise
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -89,24 +89,30 @@ class AKDLoss(nn.Module):
         fuse = self.fused and base.fusable
         # Weights and accumulators stay in float32 whatever the features' dtype: the unnormalised
         # weights exceed float16's range (1 / u is ~1e5 on real FPN maps), which under AMP made NaNs.
-        total_weight = weighted = weighted_constant = phi_dtype = None
+        total_weight = weighted = weighted_constant = phi_dtype = phi = term = None
+        weigher = AvatarWeigher(teacher, self.uncertainty)
         for _ in range(self.num_avatars):
             avatar = make_avatar(teacher, self.perturbation, self.drop_rate)
-            weight = unnormalised_weight(teacher, avatar, self.uncertainty)        # N, float32
+            weight = weigher(avatar)                                               # N, float32
             if self.uncertainty == "bn":
                 avatar = standardise(avatar)
             if fuse:
-                phi = base.target(avatar, **context)
+                phi, constant = base.target(avatar, **context)
                 phi_dtype = phi.dtype
-                term = phi.float() * weight.view(-1, *([1] * (phi.dim() - 1)))
-                constant = base.target_constant(phi, **context) * weight.double()
-                weighted = term if weighted is None else weighted + term
-                weighted_constant = constant if weighted_constant is None else weighted_constant + constant
+                per_image = weight.view(-1, *([1] * (phi.dim() - 1)))
+                constant = constant * weight.double()
+                if weighted is None:  # the teacher side has no gradient: accumulate in place
+                    weighted, weighted_constant = phi.float() * per_image, constant
+                else:
+                    weighted.addcmul_(phi.float(), per_image)
+                    weighted_constant += constant
             else:
                 term = base.per_image(prepared, avatar, **context).float() * weight
                 weighted = term if weighted is None else weighted + term
             total_weight = weight if total_weight is None else total_weight + weight
-            del avatar
+            # Drop this Avatar's tensors before the next one is drawn: otherwise two Avatars' worth
+            # would be alive at once and the peak would depend on num_avatars.
+            avatar = phi = term = None
         if fuse:
             phi_bar = (weighted / total_weight.view(-1, *([1] * (weighted.dim() - 1)))).to(phi_dtype)
             return base.fused(prepared, phi_bar, weighted_constant / total_weight.double(), **context).sum()

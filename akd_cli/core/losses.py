@@ -4,7 +4,7 @@ Every loss is written per image: ``per_image(prepared_student, teacher) -> (N,)`
 the batch is the loss. That lets the uncertainty factor weight Avatars image by image.
 
 Losses that are *linear in a teacher-side term* (``fusable = True``) also split into
-``target(teacher) -> phi`` (the teacher-side term), ``target_constant(phi) -> (N,)`` (the part that
+``target(teacher) -> (phi, constant)`` (the teacher-side term, and per image the part of the loss that
 does not involve the student) and ``fused(prepared_student, phi_bar, constant_bar) -> (N,)``.
 Because sum_k g_k L(s, a_k) = fused(s, sum_k g_k phi(a_k), sum_k g_k c(phi(a_k))) whenever the
 weights g_k sum to one, any number of Avatars costs one student-side evaluation and one running
@@ -15,11 +15,17 @@ Defaults follow the methods' own public COCO configurations (see the README).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Type
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over the last dim of a * b, in float32, without materialising the product (a batched
+    matrix product): per-Avatar temporaries would otherwise make peak memory grow with Avatars."""
+    return torch.einsum("...i,...i->...", a.float(), b.float())
 
 
 class BaseLoss(nn.Module):
@@ -35,14 +41,11 @@ class BaseLoss(nn.Module):
     def per_image(self, prepared: torch.Tensor, teacher: torch.Tensor, **context) -> torch.Tensor:
         if not self.fusable:
             raise NotImplementedError
-        phi = self.target(teacher, **context)
-        return self.fused(prepared, phi, self.target_constant(phi, **context), **context)
+        return self.fused(prepared, *self.target(teacher, **context), **context)
 
     # fusable losses only
-    def target(self, teacher: torch.Tensor, **context) -> torch.Tensor:
-        raise NotImplementedError
-
-    def target_constant(self, phi: torch.Tensor, **context) -> torch.Tensor:
+    def target(self, teacher: torch.Tensor, **context) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(phi, constant): the teacher-side term and the student-free part of the loss (N, float64)."""
         raise NotImplementedError
 
     def fused(self, prepared: torch.Tensor, phi: torch.Tensor, constant: torch.Tensor,
@@ -72,17 +75,23 @@ class CWDLoss(BaseLoss):
     def _scale(self, x: torch.Tensor) -> float:
         return self.loss_weight * self.tau ** 2 / (x.shape[0] * x.shape[1])
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2) if self.tau == 1.0 else x.flatten(2) / self.tau
+
     def prepare_student(self, student, **context):
-        return F.log_softmax(student.flatten(2) / self.tau, dim=2)
+        return F.log_softmax(self._scaled(student), dim=2)
 
     def target(self, teacher, **context):
-        return F.softmax(teacher.flatten(2) / self.tau, dim=2)
-
-    def target_constant(self, phi, **context):
-        return torch.xlogy(phi, phi).sum(dim=(1, 2)).double() * self._scale(phi)
+        logits = self._scaled(teacher)
+        phi = F.softmax(logits, dim=2)
+        # sum p log p without a log over the map: log p = a - lse, and lse = a - log p at the mode
+        p_max, at = phi.max(dim=2, keepdim=True)
+        lse = logits.gather(2, at) - torch.log(p_max)
+        entropy_term = _rowwise_dot(phi, logits) - lse.float().squeeze(2)
+        return phi, entropy_term.sum(dim=1).double() * self._scale(phi)
 
     def fused(self, prepared, phi, constant, **context):
-        cross = (phi.float() * prepared.float()).sum(dim=(1, 2)) * self._scale(prepared)
+        cross = _rowwise_dot(phi, prepared).sum(dim=1) * self._scale(prepared)
         return constant.to(cross.dtype) - cross
 
 
@@ -100,14 +109,17 @@ class MSELoss(BaseLoss):
     def _scale(self, x: torch.Tensor) -> float:
         return self.loss_weight / x.numel()
 
-    def target(self, teacher, **context):
+    def transform_teacher(self, teacher: torch.Tensor) -> torch.Tensor:
         return teacher
 
-    def target_constant(self, phi, **context):
-        return phi.double().pow(2).flatten(1).sum(dim=1)
+    def target(self, teacher, **context):
+        phi = self.transform_teacher(teacher)
+        flat = phi.flatten(1)
+        return phi, _rowwise_dot(flat, flat).double()
 
     def fused(self, prepared, phi, constant, **context):
-        spread = (constant - phi.double().pow(2).flatten(1).sum(dim=1)).clamp_min(0.0)
+        flat = phi.flatten(1)
+        spread = (constant - _rowwise_dot(flat, flat).double()).clamp_min(0.0)
         squared = (prepared - phi).float().pow(2).flatten(1).sum(dim=1)  # float32: fp16 sums overflow
         return (squared + spread.to(squared.dtype)) * self._scale(prepared)
 
@@ -115,9 +127,8 @@ class MSELoss(BaseLoss):
 def _pearson_normalise(x: torch.Tensor) -> torch.Tensor:
     """PKD's normalisation: each channel to zero mean, unit std over the batch and positions."""
     dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dim=dims, keepdim=True)
-    std = x.std(dim=dims, keepdim=True)
-    return (x - mean) / (std + 1e-6)
+    std, mean = torch.std_mean(x, dim=dims, keepdim=True)
+    return (x - mean).div_(std + 1e-6)  # in place: one temporary, not two, per Avatar
 
 
 class PKDLoss(MSELoss):
@@ -133,7 +144,7 @@ class PKDLoss(MSELoss):
     def prepare_student(self, student, **context):
         return _pearson_normalise(student)
 
-    def target(self, teacher, **context):
+    def transform_teacher(self, teacher):
         return _pearson_normalise(teacher)
 
 

@@ -34,27 +34,46 @@ _EPS = 1e-6
 _WEIGHT_EPS = 1e-12
 
 
-def avatar_uncertainty(teacher: torch.Tensor, avatar: torch.Tensor) -> torch.Tensor:
-    """u[n]: the variance over channels of the standardised channel-mean shift (shape N)."""
-    teacher32, avatar32 = teacher.float().flatten(2), avatar.float().flatten(2)
-    spread = teacher32.std(dim=2, unbiased=False) + _EPS
-    shift = (avatar32.mean(dim=2) - teacher32.mean(dim=2)) / spread
-    return shift.var(dim=1, unbiased=False)
+class AvatarWeigher:
+    """The unnormalised weights w[n] of the Avatars of one teacher feature (gamma = w / sum_k w).
 
+    The teacher's channel statistics are taken once per level, not once per Avatar. Float32, no
+    gradient, whatever the features' dtype.
+    """
 
-def unnormalised_weight(teacher: torch.Tensor, avatar: torch.Tensor, mode: str) -> torch.Tensor:
-    """w[n] for one Avatar; gamma[k, n] = w[k, n] / sum_j w[j, n]. Shape N, float32, no gradient."""
-    with torch.no_grad():
+    def __init__(self, teacher: torch.Tensor, mode: str):
+        if mode not in UNCERTAINTY_MODES:
+            raise ValueError(f"unknown uncertainty mode {mode!r}; expected one of {UNCERTAINTY_MODES}")
+        self.mode = mode
+        self.ones = None
         if mode == "variance":
-            return 1.0 / (avatar_uncertainty(teacher, avatar) + _WEIGHT_EPS)
-        if mode in ("bn", "none"):
-            return torch.ones(teacher.shape[0], device=teacher.device, dtype=torch.float32)
-    raise ValueError(f"unknown uncertainty mode {mode!r}; expected one of {UNCERTAINTY_MODES}")
+            with torch.no_grad():
+                std, self.mean = torch.std_mean(teacher.float().flatten(2), dim=2, correction=0)
+                self.spread = std + _EPS
+        else:
+            self.ones = torch.ones(teacher.shape[0], device=teacher.device, dtype=torch.float32)
+
+    def uncertainty(self, avatar: torch.Tensor) -> torch.Tensor:
+        """u[n]: the variance over channels of the standardised channel-mean shift (shape N)."""
+        with torch.no_grad():
+            shift = (avatar.float().flatten(2).mean(dim=2) - self.mean) / self.spread
+            return shift.var(dim=1, unbiased=False)
+
+    def __call__(self, avatar: torch.Tensor) -> torch.Tensor:
+        if self.ones is not None:
+            return self.ones
+        return 1.0 / (self.uncertainty(avatar) + _WEIGHT_EPS)
+
+
+def avatar_uncertainty(teacher: torch.Tensor, avatar: torch.Tensor) -> torch.Tensor:
+    """u[n] of one Avatar (see AvatarWeigher)."""
+    return AvatarWeigher(teacher, "variance").uncertainty(avatar)
 
 
 def standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Affine-free batch normalisation with the tensor's own batch statistics (per channel)."""
     dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps)
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    centred = x - mean
+    # in place when no gradient flows (the Avatars): one temporary per Avatar, not two
+    return centred.div_(torch.sqrt(var + eps)) if not centred.requires_grad else centred / torch.sqrt(var + eps)

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional  # noqa: F401
+from typing import Callable, Dict, List
 
 from akd_cli.errors import UserError
 
@@ -101,6 +101,3 @@ def summary_lines(records: Dict[str, dict]) -> List[str]:
                      f"AP75 {100 * metrics['AP75']:.1f}")
     return lines
 
-
-def demo_minutes(records: Dict[str, dict]) -> Optional[float]:
-    return records.get("_minutes", {}).get("value")

@@ -8,7 +8,6 @@ scale so they compare directly.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -64,7 +63,7 @@ def visualize(request: VisualizeRequest) -> List[str]:
 
     import akd_cli.mm.distiller  # noqa: F401
     from akd_cli.core import make_avatar
-    from akd_cli.core.uncertainty import unnormalised_weight
+    from akd_cli.core.uncertainty import AvatarWeigher
     from akd_cli.mm.checkpoints import student_state_dict
     from akd_cli.mm.config import build_config
     from akd_cli.mm.distiller import load_checked, load_weights
@@ -116,8 +115,8 @@ def visualize(request: VisualizeRequest) -> List[str]:
             for level in levels:
                 teacher, student = teachers[level], students[level]
                 avatars = [make_avatar(teacher, preset.perturbation, preset.drop_rate) for _ in range(num_avatars)]
-                weights_k = torch.stack([unnormalised_weight(teacher, a, preset.uncertainty) for a in avatars]) \
-                    if avatars else torch.zeros(0, 1)
+                weigher = AvatarWeigher(teacher, preset.uncertainty)
+                weights_k = torch.stack([weigher(a) for a in avatars]) if avatars else torch.zeros(0, 1)
                 gammas = (weights_k / weights_k.sum(dim=0, keepdim=True))[:, 0].tolist() if avatars else []
                 panels = [("teacher", _heat(teacher, metas[0], size))]
                 panels += [(f"Avatar {k + 1} (gamma {g:.2f})", _heat(a, metas[0], size))
