@@ -96,7 +96,7 @@ def bench_train_step(preset: str, size: str, batch: int, device: str, repeats: i
                f"8 Avatars {eight_t:+.1f}% time (goal <= +10%: {'met' if eight_t <= 10 else 'not met'}), "
                f"{eight_m:+.1f}% peak memory (goal <= +5%: {'met' if eight_m <= 5 else 'not met'}).")
     return section(f"Training step: {preset}, {size}, batch {batch} ({device})",
-                   " ".join(["python bench/train_step.py"] + cmd[3:]), out, verdict)
+                   " ".join(["python bench/train_step.py"] + cmd[2:]), out, verdict)
 
 
 def bench_eval(repeats: int = 3) -> str:
@@ -144,7 +144,7 @@ def main() -> None:
         if cuda:
             sections.append(bench_core("cuda"))
     if "train" in parts:
-        sections.append(bench_train_step("tiny-fcos-r34-r18", "128x128", 8, "cpu", 10))
+        sections.append(bench_train_step("tiny-fcos-r34-r18", "128x128", 8, "cpu", 20))
         if cuda:
             sections.append(bench_train_step("fcos-r101-r50", "1333x800", 2, "cuda", 20))
     if "eval" in parts:
@@ -154,8 +154,22 @@ def main() -> None:
     if not cuda:
         header += ("\nNo CUDA device on the machine that wrote this file: the CUDA sections (core losses on GPU, "
                    "FCOS R101 -> R50 at 1333x800) are absent; run `python bench/run.py` on a CUDA machine to add them.\n")
-    Path(args.out).write_text(header + "\n" + "\n".join(sections))
+    out = Path(args.out)
+    merged = merge_sections(out.read_text() if out.exists() else "", sections)
+    out.write_text(header + "\n" + "\n".join(merged))
     print(f"wrote {args.out}")
+
+
+def merge_sections(previous: str, new: list) -> list:
+    """The report's sections: those just measured, and the earlier ones that were not re-run
+    (matched by their '## ' title), in their earlier order."""
+    def title(section: str) -> str:
+        return section.split("\n", 1)[0]
+
+    old = ["## " + part for part in previous.split("\n## ")[1:]]
+    fresh = {title(sec): sec for sec in new}
+    merged = [fresh.pop(title(sec), sec) for sec in old]
+    return [sec if sec.endswith("\n") else sec + "\n" for sec in merged + list(fresh.values())]
 
 
 if __name__ == "__main__":

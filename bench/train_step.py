@@ -4,8 +4,10 @@ and AKD with 1, 4 and 8 Avatars. Random weights and a random batch (the cost doe
     python bench/train_step.py                       # tiny preset, 128 px, batch 8, CPU
     python bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda
 
-Each configuration runs in a fresh process: median step time after warm-up steps, and peak memory
-(CPU: growth of peak RSS once the model and batch exist; CUDA: max_memory_allocated over that).
+Step times: all configurations built in one process and timed round-robin (drift of a shared
+machine then falls on all alike), medians after a warm-up step. Peak memory: a fresh process per
+configuration (CPU: growth of peak RSS once model and batch exist, with CPU_MEMORY_ENV; CUDA:
+max_memory_allocated).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ CONFIGS = (("no distillation", "none", 0), ("base loss", None, 0), ("AKD, 1 Avat
            ("AKD, 4 Avatars", None, 4), ("AKD, 8 Avatars", None, 8))
 
 
-def measure(preset_name: str, method, avatars: int, width: int, height: int, batch: int, device: str,
-            warmup: int, repeats: int) -> dict:
+def build_step(preset_name: str, method, avatars: int, width: int, height: int, batch: int, device: str):
+    """A closure running one optimizer step of the distilled student (random weights and batch)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from akd_cli.mm import compat
 
@@ -66,50 +68,64 @@ def measure(preset_name: str, method, avatars: int, width: int, height: int, bat
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return step
+
+
+def peak_memory(step, device: str, warmup: int) -> float:
+    """MiB that the first steps add to the process's peak (RSS on CPU, allocated on CUDA)."""
     import resource
+
+    import torch
+
+    def peak():
+        if device == "cuda":
+            return torch.cuda.max_memory_allocated()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.max_memory_allocated()
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for _ in range(warmup):
+    before = peak()
+    for _ in range(max(warmup, 1)):
         step()
-    after = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"ms": 1000 * statistics.median(times) if times else None, "peak_mib": (after - before) / 2 ** 20}
+    return (peak() - before) / 2 ** 20
 
 
-def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
-    """Time in one fresh process (the default allocator), peak memory in another (on CPU with
-    CPU_MEMORY_ENV, which makes large allocations slower and so must not be timed)."""
-    def run(extra, env):
-        out = subprocess.run([sys.executable, *args, *extra], capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise SystemExit(out.stderr[-2000:])
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    timed = run(["--repeats", str(repeats)], dict(os.environ))
-    if device == "cuda":
-        return timed
-    return dict(timed, peak_mib=run(["--repeats", "0"], dict(os.environ, **CPU_MEMORY_ENV))["peak_mib"])
+def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
+    """Median step time of each configuration, measured round-robin so that drift of a shared
+    machine falls on all configurations alike."""
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int) -> list:
+    """Times: all configurations in one process, interleaved. Peak memory: one fresh process each
+    (on CPU with CPU_MEMORY_ENV; see bench/README.md)."""
+    common = [__file__, "--preset", preset, "--size", size, "--batch", str(batch), "--device", device,
+              "--warmup", str(warmup)]
+    out = subprocess.run([sys.executable, *common, "--repeats", str(repeats), "--time-all"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-2000:])
+    times = json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
+    env = dict(os.environ, **(CPU_MEMORY_ENV if device == "cpu" else {}))
     for label, method, avatars in CONFIGS:
-        args = [__file__, "--preset", preset, "--size", size, "--batch", str(batch), "--device", device,
-                "--warmup", str(warmup), "--one", method or "preset", str(avatars)]
-        row = dict(_measure_in_subprocesses(args, repeats, device), label=label)
-        rows.append(row)
-        print(f"  {label:>16}: {row['ms']:8.1f} ms  {row['peak_mib']:8.1f} MiB", file=sys.stderr)
+        out = subprocess.run([sys.executable, *common, "--memory", method or "preset", str(avatars)],
+                             capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise SystemExit(out.stderr[-2000:])
+        rows.append({"label": label, "ms": times[label], "peak_mib": json.loads(out.stdout.strip().splitlines()[-1])})
+        print(f"  {label:>16}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows
-
 
 def markdown(rows: list) -> str:
     base = next(r for r in rows if r["label"] == "base loss")
@@ -127,17 +143,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--json")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--time-all", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.size == "1333x800":
         width, height = 1344, 800  # what mmdet pads 1333x800 to (size_divisor 32)
-    if args.one:
-        method = None if args.one[0] == "preset" else args.one[0]
-        print(json.dumps(measure(args.preset, method, int(args.one[1]), width, height, args.batch, args.device,
-                                 args.warmup, args.repeats)))
+    if args.memory:
+        method = None if args.memory[0] == "preset" else args.memory[0]
+        step = build_step(args.preset, method, int(args.memory[1]), width, height, args.batch, args.device)
+        print(json.dumps(peak_memory(step, args.device, args.warmup)))
+        return
+    if args.time_all:
+        steps = {label: build_step(args.preset, method, avatars, width, height, args.batch, args.device)
+                 for label, method, avatars in CONFIGS}
+        print(json.dumps(interleaved_times(steps, rounds=max(args.repeats // 2, 1), per_round=2)))
         return
     rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats)
     if args.json:
