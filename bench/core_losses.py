@@ -107,7 +107,7 @@ def run_all(device: str, repeats: int) -> list:
 
 
 def markdown(rows: list) -> str:
-    lines = ["| base loss | " + " | ".join(f"{k} Avatars" if k else "plain" for k in AVATARS) + " |",
+    lines = ["| base loss | " + " | ".join(f"{k} Avatar{'s' if k > 1 else ''}" if k else "plain" for k in AVATARS) + " |",
              "|---|" + "---|" * len(AVATARS)]
     for base in BASES:
         plain = next(r for r in rows if r["base"] == base and r["avatars"] == 0)
