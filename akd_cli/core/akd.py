@@ -114,7 +114,7 @@ class AKDLoss(nn.Module):
             # would be alive at once and the peak would depend on num_avatars.
             avatar = phi = term = None
         if fuse:
-            phi_bar = (weighted / total_weight.view(-1, *([1] * (weighted.dim() - 1)))).to(phi_dtype)
+            phi_bar = weighted.div_(total_weight.view(-1, *([1] * (weighted.dim() - 1)))).to(phi_dtype)
             return base.fused(prepared, phi_bar, weighted_constant / total_weight.double(), **context).sum()
         return (weighted / total_weight).sum()
 

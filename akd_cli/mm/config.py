@@ -42,14 +42,14 @@ def _model_dict(spec: ModelSpec) -> Dict[str, Any]:
     return Config.fromfile(str(resolve_config_path(spec.config)))._cfg_dict.to_dict()["model"]
 
 
-def _retarget_data_root(node, new_root: str):
-    """Replace mmdet's default 'data/coco/' prefix in every string of the data section."""
+def retarget_paths(node, old_prefix: str, new_root: str):
+    """Every string of a config tree that starts with ``old_prefix``, moved under ``new_root``."""
     if isinstance(node, dict):
-        return {k: _retarget_data_root(v, new_root) for k, v in node.items()}
+        return {k: retarget_paths(v, old_prefix, new_root) for k, v in node.items()}
     if isinstance(node, list):
-        return [_retarget_data_root(v, new_root) for v in node]
-    if isinstance(node, str) and node.startswith(COCO_ROOT_IN_MMDET_CONFIGS):
-        return new_root.rstrip("/") + "/" + node[len(COCO_ROOT_IN_MMDET_CONFIGS):]
+        return [retarget_paths(v, old_prefix, new_root) for v in node]
+    if isinstance(node, str) and old_prefix and node.startswith(old_prefix):
+        return new_root.rstrip("/") + "/" + node[len(old_prefix):].lstrip("/")
     return node
 
 
@@ -121,7 +121,7 @@ def build_config(preset: Preset, *, data_root: Optional[str] = None, teacher_che
         base = student_cfg._cfg_dict.to_dict()
         student, teacher = base.pop("model"), _model_dict(preset.teacher)
         if data_root:
-            base["data"] = _retarget_data_root(base["data"], data_root)
+            base["data"] = retarget_paths(base["data"], COCO_ROOT_IN_MMDET_CONFIGS, data_root)
             base["data_root"] = data_root.rstrip("/") + "/"
         base["lr_config"] = dict(base.get("lr_config", {}))
         if base["lr_config"].get("policy") == "step":

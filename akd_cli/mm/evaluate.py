@@ -48,21 +48,11 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _retarget(node, old: str, new: str):
-    if isinstance(node, dict):
-        return {k: _retarget(v, old, new) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_retarget(v, old, new) for v in node]
-    if isinstance(node, str) and old and node.startswith(old):
-        return new.rstrip("/") + "/" + node[len(old):].lstrip("/")
-    return node
-
-
 def resolve_config(request: EvalRequest):
     """The config to evaluate with: --config, --preset, or the config.py of the checkpoint's work dir."""
     from mmcv import Config
 
-    from akd_cli.mm.config import build_config
+    from akd_cli.mm.config import build_config, retarget_paths
     from akd_cli.presets import load_preset
 
     if request.preset and request.config:
@@ -80,8 +70,7 @@ def resolve_config(request: EvalRequest):
             raise UserError(f"cannot read config {path}: {' '.join(str(exc).split())[:200]}") from None
         if request.data_root:
             old = cfg.get("data_root") or "data/coco/"
-            cfg.data = _retarget(cfg.data._cfg_dict.to_dict() if hasattr(cfg.data, "_cfg_dict") else dict(cfg.data),
-                                 old, request.data_root)
+            cfg.data = retarget_paths(cfg._cfg_dict.to_dict()["data"], old, request.data_root)
             cfg.data_root = request.data_root.rstrip("/") + "/"
     if request.cfg_options:
         cfg.merge_from_dict(request.cfg_options)
