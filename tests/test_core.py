@@ -368,3 +368,14 @@ def test_non_finite_features_name_the_level_and_role():
     teacher[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"level 1: teacher feature of shape \(2, 8, 6, 5\) holds non-finite"):
         AKDLoss()(student, teacher)
+
+
+def test_the_readme_library_example_runs_as_written():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("```python\nimport torch\nfrom akd_cli import AKDLoss")
+    block = readme[start + len("```python\n"):readme.index("```", start + 10)]
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert torch.isfinite(namespace["loss"]) and all(s.grad is not None for s in namespace["student_feats"])
