@@ -222,6 +222,7 @@ def train_command(
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Evaluate on the val split at the end."),
     train_teacher: bool = typer.Option(False, "--train-teacher", help="Train the preset's teacher model alone."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show mmdet's whole log on the console (always in the work dir's log file)."),
     cfg_options: Optional[List[str]] = _CFG_OPTS,
 ) -> None:
     """Train a student with AKD (or a baseline, or a tiny teacher), on one or many workers."""
@@ -236,14 +237,20 @@ def train_command(
                       master_port=master_port, device=device)
     request = _train_request(preset, config, data_root, work_dir, teacher_checkpoint, method, avatars, drop_rate,
                              uncertainty, epochs, batch_size, cfg_options, seed=seed, deterministic=deterministic,
-                             amp=amp, resume=resume, validate=validate, plan=plan, launcher=launcher,
+                             amp=amp, resume=resume, validate=validate, verbose=verbose, plan=plan, launcher=launcher,
                              partition=partition, role="teacher" if train_teacher else "student")
     from akd_cli.mm.runs import launch_training
 
     console = _console()
     student = _call(launch_training, request, on_config=lambda p: console.print(f"config: {p}"))
     if student:
+        from akd_cli.mm.train import last_validation
+
         console.print(f"[green]done[/]: student checkpoint {student}")
+        val = last_validation(os.path.dirname(student))
+        if val and "bbox_mAP" in val:
+            console.print(f"validation (epoch {val.get('epoch')}): bbox mAP {100 * val['bbox_mAP']:.1f}, "
+                          f"AP50 {100 * val.get('bbox_mAP_50', 0):.1f}")
 
 
 @app.command("eval")

@@ -43,6 +43,9 @@ def _quiet_known_warnings() -> None:
     # renaming on import. Neither is actionable for an akd user.
     warnings.filterwarnings("ignore", message="Failed to load image Python extension")
     warnings.filterwarnings("ignore", message="On January 1, 2023, MMCV will release v2.0.0")
+    # mmdet 2.x's anchor and point generators call torch.meshgrid without `indexing`, relying on
+    # the old default ('ij'); torch warns on every run.
+    warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release")
 
 
 def _restore_numpy_aliases() -> None:

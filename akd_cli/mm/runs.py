@@ -36,6 +36,7 @@ class TrainRequest:
     amp: bool = False
     resume: bool = False
     validate: bool = True
+    verbose: bool = False
     role: str = "student"
     cfg_options: Dict[str, Any] = field(default_factory=dict)
     plan: LaunchPlan = field(default_factory=LaunchPlan)
@@ -128,7 +129,8 @@ def launch_training(request: TrainRequest, *, on_config=None) -> Optional[str]:
         on_config(config_path)
     worker_args = [str(config_path), str(work), "--seed", str(request.seed)]
     worker_args += [flag for flag, on in (("--deterministic", request.deterministic), ("--resume", request.resume),
-                                          ("--amp", request.amp), ("--no-validate", not request.validate)) if on]
+                                          ("--amp", request.amp), ("--no-validate", not request.validate),
+                                          ("--verbose", request.verbose)) if on]
     if request.launcher == "slurm":
         return _slurm(request, worker_args)
     if request.plan.world_size == 1:
@@ -148,8 +150,8 @@ def _in_process(worker_args: List[str]) -> Optional[str]:
 
     config, work_dir, *flags = worker_args
     seed = int(flags[flags.index("--seed") + 1])
-    return train(config, work_dir, seed=seed, deterministic="--deterministic" in flags,
-                 resume="--resume" in flags, amp="--amp" in flags, validate="--no-validate" not in flags)
+    return train(config, work_dir, seed=seed, deterministic="--deterministic" in flags, resume="--resume" in flags,
+                 amp="--amp" in flags, validate="--no-validate" not in flags, verbose="--verbose" in flags)
 
 
 def _slurm(request: TrainRequest, worker_args: List[str]) -> Optional[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import os.path as osp
 import sys
@@ -45,8 +46,10 @@ def _remove_partial_checkpoints(work_dir: str) -> None:
 
 
 def train(config_path: str, work_dir: str, *, seed: int = 0, deterministic: bool = False, resume: bool = False,
-          amp: bool = False, validate: bool = True) -> Optional[str]:
-    """Train from a generated config; returns the exported student checkpoint (rank 0)."""
+          amp: bool = False, validate: bool = True, verbose: bool = False) -> Optional[str]:
+    """Train from a generated config; returns the exported student checkpoint (rank 0).
+    The console shows the progress bar and warnings (all of mmdet's log with ``verbose``); the log
+    file in the work dir always has everything."""
     from akd_cli.mm import compat
 
     compat.apply()
@@ -79,6 +82,10 @@ def train(config_path: str, work_dir: str, *, seed: int = 0, deterministic: bool
         _remove_partial_checkpoints(work_dir)
     timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
     logger = get_root_logger(log_file=osp.join(work_dir, f"{timestamp}.log"), log_level=cfg.get("log_level", "INFO"))
+    if not verbose:
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler:  # the console, not the log file
+                handler.setLevel(logging.WARNING)
     # The same seed on every rank, as mmdet's tools do without --diff-seed.
     set_random_seed(seed, deterministic=deterministic)
     cfg.seed = seed
@@ -108,11 +115,12 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--result-file", default=None, help="where rank 0 writes the exported student's path")
     args = parser.parse_args(argv)
     try:
         student = train(args.config, args.work_dir, seed=args.seed, deterministic=args.deterministic,
-                        resume=args.resume, amp=args.amp, validate=not args.no_validate)
+                        resume=args.resume, amp=args.amp, validate=not args.no_validate, verbose=args.verbose)
     except Exception as exc:  # known failures: one line and exit code 2; bugs keep their traceback
         from akd_cli.mm.checks import friendly_message
 
@@ -129,3 +137,15 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def last_validation(work_dir: str) -> Optional[dict]:
+    """The last validation record of the newest JSON log in a work dir (None if there is none)."""
+    logs = sorted(glob.glob(osp.join(work_dir, "*.log.json")))
+    for path in reversed(logs):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip().startswith("{")]
+        vals = [r for r in records if r.get("mode") == "val"]
+        if vals:
+            return vals[-1]
+    return None
