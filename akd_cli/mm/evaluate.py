@@ -24,7 +24,6 @@ from akd_cli import fileio
 from akd_cli.errors import UserError
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-ROLES = ("teacher", "baseline", "kd", "akd", "student", "detector")
 
 
 @dataclass
