@@ -9,7 +9,8 @@
 #   base site-packages; otherwise torch==2.13.0 is installed;
 # - torchvision must import because mmcv-full 1.x imports it at module level;
 # - mmcv-full 1.7.2 only exists as a source distribution and is compiled against the installed torch
-#   (CUDA ops when torch is a CUDA build and nvcc is present); pip caches the built wheel, so a second
+#   (CUDA ops when torch is a CUDA build and a matching nvcc is present); the built wheel is kept in
+#   ~/.cache/akd/wheels under a name that says which torch and ops it was built for, so a second
 #   environment on the same machine does not pay the ~17 minute build again;
 # - mmdet 2.28.2, pycocotools, typer, rich, then akd itself in editable mode.
 set -euo pipefail
@@ -45,6 +46,14 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   if "$BASE_PYTHON" -c "import torch" >/dev/null 2>&1; then
     say "keeping the base interpreter's torch $("$BASE_PYTHON" -c 'import torch; print(torch.__version__)'): venv sees system site-packages"
     "$BASE_PYTHON" -m venv --system-site-packages "$VENV"
+    # --system-site-packages means the interpreter's own: when the base is itself a virtual
+    # environment (where the user's torch lives), its site-packages are added by a .pth file.
+    BASE_SITE="$("$BASE_PYTHON" -c 'import site, sys; sys.prefix != sys.base_prefix and print("\n".join(site.getsitepackages()))')"
+    if [[ -n "$BASE_SITE" ]]; then
+      echo "$BASE_SITE" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/akd-base-environment.pth"
+    fi
+    "$VENV/bin/python" -c "import torch" >/dev/null 2>&1 \
+      || die "the new environment $VENV does not see the torch of '$BASE_PYTHON'; remove it and set AKD_VENV or PYTHON"
   else
     "$BASE_PYTHON" -m venv "$VENV"
   fi
@@ -52,8 +61,7 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check)
 
-# mmcv-full's setup.py imports pkg_resources, gone from setuptools>=70.
-"${PIP[@]}" -q "setuptools<70" wheel ninja
+"${PIP[@]}" -q wheel ninja
 
 if "$PY" -c "import torch" >/dev/null 2>&1; then
   say "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed: keeping it"
@@ -80,13 +88,49 @@ fi
 
 if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" >/dev/null 2>&1; then
   BUILD_ENV=(MMCV_WITH_OPS=1 "MAX_JOBS=${MAX_JOBS:-$(nproc)}")
-  if [[ -n "$TORCH_CUDA" ]] && command -v nvcc >/dev/null 2>&1; then
-    say "building mmcv-full==$MMCV_VERSION with CUDA ops (torch CUDA $TORCH_CUDA); the first build takes a while"
-    BUILD_ENV+=(FORCE_CUDA=1)
-  else
-    say "building mmcv-full==$MMCV_VERSION with CPU ops; the first build takes ~17 min on 2 cores (cached after)"
+  OPS=cpu
+  if [[ -n "$TORCH_CUDA" ]]; then
+    # The same lookup torch's extension builder does (CUDA_HOME, then nvcc on PATH, then /usr/local/cuda).
+    CUDA_TOOLKIT="$("$PY" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")' 2>/dev/null)"
+    if [[ -n "$CUDA_TOOLKIT" && -x "$CUDA_TOOLKIT/bin/nvcc" ]]; then
+      NVCC_CUDA="$("$CUDA_TOOLKIT/bin/nvcc" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')"
+      [[ "${NVCC_CUDA%%.*}" == "${TORCH_CUDA%%.*}" ]] \
+        || die "nvcc in $CUDA_TOOLKIT is CUDA $NVCC_CUDA but torch was built with CUDA $TORCH_CUDA: point CUDA_HOME at a CUDA ${TORCH_CUDA%%.*}.x toolkit"
+      OPS="cuda$TORCH_CUDA"
+      BUILD_ENV+=(FORCE_CUDA=1 "CUDA_HOME=$CUDA_TOOLKIT")
+    elif "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null \
+         && [[ "${AKD_MMCV_CPU_OPS:-0}" != 1 ]]; then
+      die "torch is a CUDA $TORCH_CUDA build and sees a GPU, but there is no CUDA toolkit (nvcc) to compile mmcv-full's CUDA ops: install CUDA ${TORCH_CUDA%%.*}.x and set CUDA_HOME, or set AKD_MMCV_CPU_OPS=1 for CPU-only ops (GPU training then fails in NMS/RoIAlign)"
+    fi
   fi
-  env "${BUILD_ENV[@]}" "${PIP[@]}" --no-build-isolation "mmcv-full==$MMCV_VERSION"
+  # Without a GPU in sight mmcv's setup.py builds CPU ops; with one it insists on CUDA.
+  [[ "$OPS" == cpu ]] && BUILD_ENV+=(CUDA_VISIBLE_DEVICES=)
+
+  # pip's own wheel cache keys a source build by its URL alone, so it would hand a wheel compiled
+  # against one torch (or without CUDA ops) to an environment with another; this cache is keyed
+  # by what the binary depends on.
+  PY_TAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+  TORCH_TAG="$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))')"
+  WHEEL_CACHE="${AKD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/akd/wheels}/mmcv-full-$MMCV_VERSION-$PY_TAG-torch$TORCH_TAG-$OPS"
+  if ! ls "$WHEEL_CACHE"/mmcv_full-*.whl >/dev/null 2>&1; then
+    if [[ "$OPS" == cpu ]]; then
+      say "building mmcv-full==$MMCV_VERSION with CPU ops; the first build takes ~17 min on 2 cores (cached after)"
+    else
+      say "building mmcv-full==$MMCV_VERSION with CUDA ops (nvcc $NVCC_CUDA in $CUDA_TOOLKIT); the first build takes a while"
+    fi
+    # mmcv-full's setup.py imports pkg_resources, which setuptools>=70 no longer has; torch 2.13
+    # requires setuptools>=77 and pulls it in with itself, so the old one goes in just for the
+    # build (pip warns about torch's pin meanwhile) and a current one is put back after it.
+    "${PIP[@]}" -q "setuptools<70"
+    rm -rf "$WHEEL_CACHE.partial" && mkdir -p "$WHEEL_CACHE.partial"
+    env "${BUILD_ENV[@]}" "$PY" -m pip wheel --disable-pip-version-check --no-cache-dir --no-deps \
+      --no-build-isolation -w "$WHEEL_CACHE.partial" "mmcv-full==$MMCV_VERSION"
+    rm -rf "$WHEEL_CACHE" && mv "$WHEEL_CACHE.partial" "$WHEEL_CACHE"
+    "${PIP[@]}" -q --upgrade "setuptools>=77"
+  else
+    say "mmcv-full==$MMCV_VERSION ($OPS ops, torch $TORCH_TAG) from $WHEEL_CACHE"
+  fi
+  "${PIP[@]}" "$WHEEL_CACHE"/mmcv_full-*.whl
 fi
 
 say "installing mmdet==$MMDET_VERSION, pycocotools, typer, rich and akd"
@@ -94,10 +138,11 @@ say "installing mmdet==$MMDET_VERSION, pycocotools, typer, rich and akd"
 
 "$PY" - <<'EOF' || die "the installed stack does not import; see the error above"
 import torch, torchvision, mmcv, mmdet
-from mmcv.ops import nms, RoIAlign, DeformConv2d  # noqa: F401  (compiled ops present)
+from mmcv.ops import nms, RoIAlign, DeformConv2d, get_compiling_cuda_version  # noqa: F401
 import akd_cli
 print(f"torch {torch.__version__} (cuda {torch.version.cuda}), torchvision {torchvision.__version__}, "
-      f"mmcv-full {mmcv.__version__}, mmdet {mmdet.__version__}, akd {akd_cli.__version__}")
+      f"mmcv-full {mmcv.__version__} (ops cuda: {get_compiling_cuda_version()}), mmdet {mmdet.__version__}, "
+      f"akd {akd_cli.__version__}")
 EOF
 stamp_value > "$STAMP"
 say "done: activate with 'source ${VENV#"$ROOT"/}/bin/activate' or call $VENV/bin/akd"
