@@ -169,6 +169,22 @@ _UNC = typer.Option(None, "--uncertainty", help="Uncertainty factor: variance, b
 _EPOCHS = typer.Option(None, "--epochs", min=1, max=1000, help="Training epochs (default: the preset's schedule).")
 _BATCH = typer.Option(None, "--batch-size", min=1, max=1024, help="Images per GPU (per worker).")
 _CFG_OPTS = typer.Option(None, "--cfg-options", help="Override config keys: key=value (repeatable).")
+_TRAIN_TEACHER = typer.Option(False, "--train-teacher", help="Train the preset's teacher model alone.")
+_LEARN_TOKENS = typer.Option(False, "--learn-tokens",
+                             help="MasKD's first stage: learn receptive tokens on the teacher (writes tokens.pth).")
+_TOKENS = typer.Option(None, "--tokens", help="MasKD token file (from --learn-tokens, or MasKD's released files).")
+_ITERS = typer.Option(None, "--iters", min=1, max=10_000_000, help="Token-learning iterations (default 2000).")
+
+
+def _role(train_teacher: bool, learn_tokens: bool, tokens: Optional[str], iters: Optional[int],
+          epochs: Optional[int]) -> str:
+    if train_teacher and learn_tokens:
+        raise UserError("--train-teacher and --learn-tokens are different runs: pass one of them")
+    if learn_tokens and (tokens or epochs):
+        raise UserError("--learn-tokens makes tokens (--iters sets its length); --tokens and --epochs are for training")
+    if iters and not learn_tokens:
+        raise UserError("--iters sets the length of --learn-tokens; training runs use --epochs")
+    return "teacher" if train_teacher else ("tokens" if learn_tokens else "student")
 
 
 @app.command("config")
@@ -179,7 +195,8 @@ def config_command(
     method: Optional[str] = _METHOD, avatars: Optional[int] = _AVATARS, drop_rate: Optional[float] = _DROP,
     uncertainty: Optional[str] = _UNC, epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH,
     cfg_options: Optional[List[str]] = _CFG_OPTS,
-    train_teacher: bool = typer.Option(False, "--train-teacher", help="The config that trains the teacher alone."),
+    train_teacher: bool = _TRAIN_TEACHER, learn_tokens: bool = _LEARN_TOKENS, tokens: Optional[str] = _TOKENS,
+    iters: Optional[int] = _ITERS,
 ) -> None:
     """Print (or write) the complete mmdet config a preset runs, without training."""
     from akd_cli.mm.config import dump_config
@@ -187,9 +204,9 @@ def config_command(
 
     if preset is None:
         raise UserError("--preset is required (see 'akd presets')")
+    role = _role(train_teacher, learn_tokens, tokens, iters, epochs)
     request = _train_request(preset, None, data_root, None, teacher_checkpoint, method, avatars, drop_rate,
-                             uncertainty, epochs, batch_size, cfg_options,
-                             role="teacher" if train_teacher else "student")
+                             uncertainty, epochs, batch_size, cfg_options, role=role, tokens=tokens, iters=iters)
     cfg, _ = prepare_config(request)
     if out:
         dump_config(cfg, out)
@@ -210,7 +227,8 @@ def train_command(
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines taking part."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's index among --nnodes."),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of the node with rank 0."),
-    master_port: Optional[int] = typer.Option(None, "--master-port", min=1024, max=65535, help="Its port (default: free port on one node, 29500 on several)."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", min=1024, max=65535,
+                                              help="Its port (default: free port on one node, 29500 on several)."),
     launcher: str = typer.Option("pytorch", "--launcher", help="pytorch (akd starts the workers) or slurm (srun)."),
     partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition, with --launcher slurm."),
     batch_size: Optional[int] = _BATCH, epochs: Optional[int] = _EPOCHS, avatars: Optional[int] = _AVATARS,
@@ -220,12 +238,14 @@ def train_command(
     amp: bool = typer.Option(False, "--amp", help="Mixed precision (CUDA only)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the work dir's latest checkpoint."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Evaluate on the val split at the end."),
-    train_teacher: bool = typer.Option(False, "--train-teacher", help="Train the preset's teacher model alone."),
+    train_teacher: bool = _TRAIN_TEACHER, learn_tokens: bool = _LEARN_TOKENS, tokens: Optional[str] = _TOKENS,
+    iters: Optional[int] = _ITERS,
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show mmdet's whole log on the console (always in the work dir's log file)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show mmdet's whole log on the console (always in the work dir's log file)."),
     cfg_options: Optional[List[str]] = _CFG_OPTS,
 ) -> None:
-    """Train a student with AKD (or a baseline, or a tiny teacher), on one or many workers."""
+    """Train a student with AKD (or a baseline, a tiny teacher, MasKD's tokens), on one or many workers."""
     from akd_cli.mm.launch import LaunchPlan
 
     if launcher not in ("pytorch", "slurm"):
@@ -238,12 +258,16 @@ def train_command(
     request = _train_request(preset, config, data_root, work_dir, teacher_checkpoint, method, avatars, drop_rate,
                              uncertainty, epochs, batch_size, cfg_options, seed=seed, deterministic=deterministic,
                              amp=amp, resume=resume, validate=validate, verbose=verbose, plan=plan, launcher=launcher,
-                             partition=partition, role="teacher" if train_teacher else "student")
+                             partition=partition, role=_role(train_teacher, learn_tokens, tokens, iters, epochs),
+                             tokens=tokens, iters=iters)
     from akd_cli.mm.runs import launch_training
 
     console = _console()
     student = _call(launch_training, request, on_config=lambda p: console.print(f"config: {p}"))
-    if student:
+    if student and learn_tokens:
+        console.print(f"[green]done[/]: receptive tokens {student}; distil with them: "
+                      f"akd train --preset {preset or '...'} --tokens {student}")
+    elif student:
         from akd_cli.mm.train import last_validation
 
         console.print(f"[green]done[/]: student checkpoint {student}")
@@ -257,13 +281,15 @@ def train_command(
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="An exported student, a full akd checkpoint or a teacher checkpoint."),
     preset: Optional[str] = _PRESET,
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config instead of a preset (default: the config.py beside the checkpoint)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="A config instead of a preset (default: the config.py beside the checkpoint)."),
     data_root: Optional[Path] = _DATA_ROOT,
     gpus: int = typer.Option(1, "--gpus", "--nproc-per-node", min=1, max=1024, help="Workers (one per GPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, max=256, help="Images per worker and step."),
     dump: Optional[Path] = typer.Option(None, "--dump", help="Also write the detections here (COCO results format)."),
-    role: Optional[str] = typer.Option(None, "--role", help="Label for the table: teacher, baseline, kd or akd (default: from the work dir)."),
+    role: Optional[str] = typer.Option(None, "--role",
+                                       help="Label for the table: teacher, baseline, kd or akd (default: from the work dir)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json goes (default: beside the checkpoint)."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
     cfg_options: Optional[List[str]] = _CFG_OPTS,

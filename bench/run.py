@@ -39,7 +39,8 @@ def machine() -> str:
         pass
     mem = ""
     try:
-        kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")).split()[1])
         mem = f", {kb / 2 ** 20:.0f} GiB RAM"
     except (OSError, StopIteration):
         pass
@@ -121,7 +122,8 @@ def bench_eval(repeats: int = 3) -> str:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     body = ("| command (64 images, 128 px, tiny FCOS-R18, 1 worker) | median wall time |\n|---|---|\n"
-            f"| `akd eval student.pth` | {t_ours:.2f} s |\n| `python mmdet/.mim/tools/test.py student_config.py student.pth --eval bbox` | {t_theirs:.2f} s |")
+            f"| `akd eval student.pth` | {t_ours:.2f} s |\n"
+            f"| `python mmdet/.mim/tools/test.py student_config.py student.pth --eval bbox` | {t_theirs:.2f} s |")
     verdict = (f"`akd eval` / mmdet: x{t_ours / t_theirs:.2f} "
                f"(goal: no slower: {'met' if t_ours <= t_theirs * 1.02 else 'not met'}; whole commands, start-up included).")
     return section("`akd eval` against mmdet's own test path", "python bench/run.py --only eval", body, verdict)

@@ -93,21 +93,102 @@ def test_mgd_masks_positions_with_probability_lambda():
     assert mgd(student, teacher).item() == pytest.approx(((student * keep) ** 2).sum().item(), rel=1e-5)
 
 
-def test_maskd_with_zero_token_is_the_positionwise_mean_error(tmp_path):
-    token_file = tmp_path / "tokens.pth"
-    torch.save({"mask_tokens": torch.zeros(1, 2)}, token_file)
-    loss = MasKDLoss(channels=2, num_tokens=1, loss_weight=2.0, token_file=str(token_file))
+def _maskd_as_published(student, teacher, tokens, loss_weight):
+    """MasKD's distillation loss written out as its paper and code state it, loop by loop."""
+    n, c, h, w = teacher.shape
+    total = 0.0
+    for i in range(n):
+        t, s = teacher[i], student[i]
+        weights = tokens.weights(teacher[i:i + 1])[0]
+        for k in range(tokens.num_tokens):
+            m = torch.sigmoid((tokens.mask_token[k][:, None, None] * t).sum(0))           # H x W
+            squared = ((m * s - m * t) ** 2).sum(dim=(1, 2)) / m.sum()                    # per channel
+            total = total + weights[k] * squared.mean()
+    return loss_weight * total / n
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_maskd_matches_the_published_formula(weighted):
+    torch.manual_seed(0)
+    loss = MasKDLoss(channels=3, num_tokens=4, loss_weight=10.0, weight_tokens=weighted)
+    with torch.no_grad():
+        loss.tokens.mask_token.normal_()  # masks far from 1/2, so a wrong power or sum would show
+    student, teacher = torch.randn(2, 3, 5, 6), torch.randn(2, 3, 5, 6)
+    expected = _maskd_as_published(student, teacher, loss.tokens, 10.0)
+    assert loss(student, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_maskd_with_zero_tokens_and_uniform_weights_is_a_quarter_of_the_mean_error():
+    loss = MasKDLoss(channels=2, num_tokens=1, loss_weight=2.0, weight_tokens=False)
+    with torch.no_grad():
+        loss.tokens.mask_token.zero_()  # sigmoid(0) = 1/2 everywhere: (m e)^2 / sum m = e^2 / 2 / HW
     student, teacher = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
-    error_per_position = ((student - teacher) ** 2).sum(dim=1)  # sigmoid(0) = 1/2 everywhere
-    expected = 2.0 * (0.5 * error_per_position).sum().item() / (0.5 * 12 + 1e-6) / (1 * 1 * 2)
+    expected = 2.0 * 0.5 * ((student - teacher) ** 2).mean().item()
     assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_maskd_rejects_tokens_of_the_wrong_shape(tmp_path):
-    token_file = tmp_path / "tokens.pth"
-    torch.save(torch.zeros(3, 5), token_file)
-    with pytest.raises(ValueError, match=r"shape \(3, 5\)"):
-        MasKDLoss(channels=2, num_tokens=1, token_file=str(token_file))
+def test_maskd_student_masks_join_after_the_warm_up():
+    loss = MasKDLoss(channels=2, num_tokens=2, weight_tokens=False, student_masks_after=2)
+    student, teacher = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    before = [loss(student, teacher).item() for _ in range(2)]
+    after = loss(student, teacher).item()
+    assert before[0] == before[1] and after != pytest.approx(before[0]) and int(loss.calls) == 3
+
+
+def test_token_files_round_trip_per_level_and_in_the_released_layout(tmp_path):
+    from akd_cli.core.tokens import ReceptiveTokens, token_file_state
+
+    torch.manual_seed(1)
+    learnt = [ReceptiveTokens(3, 4), ReceptiveTokens(3, 4)]
+    ours = tmp_path / "tokens.pth"
+    torch.save(token_file_state(learnt, meta={"iters": 10}), ours)
+    released = tmp_path / "released.pth"  # MasKD's files keep the tokens inside the whole model's keys
+    torch.save({"state_dict": {f"distiller.losses.loss_maskd_fpn.{k}": v
+                               for k, v in token_file_state(learnt)["state_dict"].items()}}, released)
+    for path in (ours, released):
+        akd = AKDLoss(base="maskd", num_avatars=0, channels=[3, 3], num_tokens=4, token_file=str(path))
+        for level, base in enumerate(akd.base_losses):
+            assert torch.equal(base.tokens.mask_token, learnt[level].mask_token)
+            assert torch.equal(base.tokens.prob[2].weight, learnt[level].prob[2].weight)
+            assert not any(p.requires_grad for p in base.tokens.parameters()), "tokens stay fixed"
+
+
+def test_maskd_token_files_that_do_not_fit_are_refused(tmp_path):
+    from akd_cli.core.tokens import ReceptiveTokens, token_file_state
+
+    path = tmp_path / "tokens.pth"
+    torch.save(token_file_state([ReceptiveTokens(5, 3)]), path)
+    with pytest.raises(ValueError, match=r"have shape \(3, 5\), expected \(1, 2\)"):
+        MasKDLoss(channels=2, num_tokens=1, token_file=str(path))
+    with pytest.raises(ValueError, match=r"not for level 1"):
+        MasKDLoss(channels=5, num_tokens=3, token_file=str(path), level=1)
+    torch.save(torch.zeros(3, 5), path)
+    with pytest.raises(ValueError, match="no state dict of receptive tokens"):
+        MasKDLoss(channels=5, num_tokens=3, token_file=str(path))
+    torch.save(token_file_state([ReceptiveTokens(5, 3, weighted=False)]), path)
+    with pytest.raises(ValueError, match="weight_tokens=False"):
+        MasKDLoss(channels=5, num_tokens=3, token_file=str(path))
+    MasKDLoss(channels=5, num_tokens=3, token_file=str(path), weight_tokens=False)
+
+
+def test_dice_overlap_of_disjoint_and_of_equal_masks():
+    from akd_cli.core.tokens import dice_overlap
+
+    disjoint = torch.zeros(1, 2, 2, 2)
+    disjoint[0, 0, 0], disjoint[0, 1, 1] = 1.0, 1.0
+    assert dice_overlap(disjoint).item() == pytest.approx(0.0)
+    assert dice_overlap(torch.rand(1, 1, 2, 2).repeat(1, 3, 1, 1)).item() == pytest.approx(1.0)
+
+
+def test_receptive_tokens_mask_the_feature_by_their_weighted_coverage():
+    from akd_cli.core.tokens import ReceptiveTokens
+
+    tokens = ReceptiveTokens(3, 2)
+    x = torch.randn(2, 3, 4, 4)
+    masked, overlap = tokens(x)
+    coverage = (tokens.masks(x) * tokens.weights(x)[:, :, None, None]).sum(dim=1, keepdim=True)
+    assert torch.allclose(masked, x * coverage, atol=1e-6) and 0.0 <= overlap.item() <= 1.0
+    assert torch.allclose(tokens.weights(x).sum(dim=1), torch.ones(2))
 
 
 def test_fgd_foreground_and_background_masks():

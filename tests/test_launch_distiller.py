@@ -44,6 +44,19 @@ def test_impossible_plans_are_refused(plan, message):
         launch.resolve_device(plan)
 
 
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(seed=7, deterministic=True, resume=True, amp=True, validate=False, verbose=True),
+    dict(seed=3, validate=True, amp=True),
+])
+def test_worker_options_cross_the_process_boundary_unchanged(options):
+    from akd_cli.mm.train import WorkerOptions, worker_parser
+
+    sent = WorkerOptions(**options)
+    received = WorkerOptions.from_args(worker_parser().parse_args(["config.py", "work", *sent.to_argv()]))
+    assert received == sent
+
+
 def test_slurm_task_environment(monkeypatch):
     for key, value in dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_NNODES="2",
                            SLURM_NODELIST="gpu-a,gpu-b").items():

@@ -51,6 +51,16 @@ def test_one_worker_akd_run_trains_and_logs_the_distillation_loss(akd_run):
     assert not list(work.glob("*.partial-*")), "no half-written checkpoint left behind"
 
 
+def test_console_shows_progress_and_the_log_file_keeps_the_details(akd_run):
+    work, result = akd_run
+    console = result.stdout + result.stderr
+    assert "train epoch 1/1: iteration" in console and "akd_cwd_fpn=" in console  # one line per epoch off a terminal
+    for noise in ("loading annotations", "elapsed:", "NormalInit", "initialize ResNet"):
+        assert noise not in console, noise
+    (log,) = work.glob("*.log")
+    assert "initialize ResNet" in log.read_text()  # mmcv's init report goes to the run's log, not nowhere
+
+
 def test_teacher_is_frozen_and_absent_from_the_optimizer(akd_run, teacher_checkpoint):
     work, _ = akd_run
     full = load(work / "latest.pth")
@@ -157,6 +167,41 @@ def test_resume_after_a_killed_run_reaches_the_final_epoch(synth_root, teacher_c
 
 
 # --- refused before anything starts -----------------------------------------------------------
+
+def test_maskd_tokens_are_learnt_on_the_teacher_then_distilled_through(synth_root, teacher_checkpoint, tmp_path):
+    tokens_dir, student_dir = tmp_path / "tokens", tmp_path / "student"
+    learnt = run_akd("train", "--preset", TINY, "--data-root", synth_root, "--work-dir", tokens_dir, "--learn-tokens",
+                     "--iters", 4, "--batch-size", 4, "--teacher-checkpoint", teacher_checkpoint, cwd=tmp_path)
+    assert f"--tokens {tokens_dir / 'tokens.pth'}" in " ".join(learnt.stdout.split())
+    records = [r for r in log_records(tokens_dir) if r["mode"] == "train"]
+    assert records and all(0.0 < r["loss_token_overlap"] <= 5.0 and r["loss_cls"] > 0 for r in records)
+    tokens = load(tokens_dir / "tokens.pth")["state_dict"]
+    full = load(tokens_dir / "iter_4.pth")["state_dict"]
+    assert sorted(tokens) == sorted(k for k in full if k.startswith("mask_modules."))
+    assert len({k.split(".")[1] for k in tokens}) == 5, "one set of tokens per FPN level"
+    assert all(torch.equal(v, full[k]) for k, v in tokens.items())
+    teacher = load(teacher_checkpoint)["state_dict"]
+    assert all(torch.equal(full[f"detector.{k}"], v) for k, v in teacher.items()), "the teacher stays as it was"
+
+    run_akd(*train_args(synth_root, student_dir, "--method", "maskd", "--tokens", tokens_dir / "tokens.pth",
+                        "--teacher-checkpoint", teacher_checkpoint, "--no-validate"), cwd=tmp_path)
+    assert all(r["loss_akd_maskd_fpn"] > 0 for r in log_records(student_dir) if r["mode"] == "train")
+    distiller = load(student_dir / "latest.pth")["state_dict"]
+    level = "akd_losses.fpn.base_losses.2.tokens.mask_token"
+    assert torch.equal(distiller[level], tokens["mask_modules.2.mask_token"]), "the learnt tokens, kept fixed"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "cwd", "--tokens", "t.pth"], "receptive tokens are for the MasKD base loss"),
+    (["--method", "maskd", "--tokens", "missing.pth"], "MasKD token file not found: missing.pth"),
+    (["--learn-tokens", "--train-teacher"], "different runs"),
+    (["--iters", "5"], "--iters sets the length of --learn-tokens"),
+])
+def test_token_options_that_cannot_work_are_refused(synth_root, teacher_checkpoint, tmp_path, args, message):
+    (tmp_path / "t.pth").write_bytes(b"")
+    full = train_args(synth_root, tmp_path / "w", "--teacher-checkpoint", teacher_checkpoint, *args)
+    assert message in refused(*full, cwd=tmp_path)
+
 
 def refused(*args, cwd):
     result = run_akd(*args, cwd=cwd, check=False)

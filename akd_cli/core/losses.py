@@ -33,6 +33,7 @@ class BaseLoss(nn.Module):
 
     fusable = False
     needs_channels = False
+    needs_level = False  # built with level=i (its per-level state comes from a file)
 
     def prepare_student(self, student: torch.Tensor, **context) -> torch.Tensor:
         """Student-side work done once per call, shared by all Avatars (e.g. MGD's generation)."""
@@ -178,56 +179,59 @@ class MGDLoss(MSELoss):
 
 
 class MasKDLoss(BaseLoss):
-    """Masked distillation with receptive tokens (Huang et al., 2022), distillation stage.
+    """Masked distillation with receptive tokens (Huang et al., 2023), distillation stage.
 
-    ``num_tokens`` tokens (M x C) turn the teacher feature into soft masks
-    m = sigmoid(<token, T[:, :, h, w]> / sqrt(C)); each mask weights the squared error per position,
-    normalised by the mask's mass: e_m = sum_hw m * sum_c (S - T)^2 / (sum_hw m + 1e-6). The loss is
-    sum_{n,m} e_m / (N * M * C) times ``loss_weight``.
+    The level's receptive tokens (``akd_cli.core.tokens``) turn the teacher feature into T soft masks
+    m_t and weight them per image (w_t). Per image and token, the masked squared error
+    sum_hw (m_t (S - T))^2 / sum_hw m_t is averaged over channels; the tokens' weighted sum, averaged
+    over the batch and times ``loss_weight``, is the loss. With ``student_masks_after`` = k, from
+    the k-th call on each mask is also multiplied by the student's own mask (MasKD's "custom masks";
+    its FCOS setting is 5000). ``align`` adds a trainable 1x1 conv on the student (MasKD's configs do).
 
-    The tokens come from MasKD's separate token-learning stage: pass ``token_file`` (a tensor of
-    shape M x C, or a state dict holding one, loaded with weights_only=True). Without it, fixed
-    random tokens (seeded, not trained) stand in; akd does not run the token-learning stage.
-    Not fusable: the masks depend non-linearly on each Avatar, so Avatars are looped and peak
-    memory grows with their number.
+    The tokens are learnt beforehand on the teacher (``akd train --learn-tokens``) and stay fixed
+    here: pass ``token_file`` (akd's or MasKD's released files) and ``level``. Without a file, seeded
+    random tokens stand in, and the loss is then not MasKD's. Not fusable: the masks depend
+    non-linearly on each Avatar, so Avatars are looped and peak memory grows with their number.
     """
 
     needs_channels = True
+    needs_level = True
 
-    def __init__(self, channels: int, num_tokens: int = 6, loss_weight: float = 10.0,
-                 token_file: Optional[str] = None, token_seed: int = 0):
+    def __init__(self, channels: int, num_tokens: int = 6, loss_weight: float = 10.0, token_file: Optional[str] = None,
+                 weight_tokens: bool = True, student_masks_after: Optional[int] = None, align: bool = False,
+                 token_seed: int = 0, level: int = 0):
         super().__init__()
-        self.loss_weight = loss_weight
-        if token_file:
-            tokens = _load_tokens(token_file, num_tokens, channels)
-        else:
-            generator = torch.Generator().manual_seed(token_seed)
-            tokens = torch.randn(num_tokens, channels, generator=generator)
-        self.register_buffer("tokens", tokens.float())
+        from akd_cli.core.tokens import ReceptiveTokens, load_into, load_token_file
 
-    def masks(self, teacher: torch.Tensor) -> torch.Tensor:
-        logits = torch.einsum("nchw,mc->nmhw", teacher, self.tokens.to(teacher.dtype))
-        return torch.sigmoid(logits / math.sqrt(teacher.shape[1]))
+        self.loss_weight = loss_weight
+        self.student_masks_after = student_masks_after
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(token_seed + level)  # reproducible stand-in tokens, independent of the caller's RNG
+        try:
+            self.tokens = ReceptiveTokens(channels, num_tokens, weighted=weight_tokens)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        if token_file:
+            load_into(self.tokens, load_token_file(token_file), level, token_file)
+        self.tokens.requires_grad_(False)
+        self.align = nn.Conv2d(channels, channels, 1) if align else None
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def prepare_student(self, student, **context):
+        self.calls += 1
+        return self.align(student) if self.align is not None else student
 
     def per_image(self, prepared, teacher, **context):
         n, c = teacher.shape[:2]
-        masks = self.masks(teacher.float())                                     # N x M x H x W
-        error = (prepared - teacher).float().pow(2).sum(dim=1, keepdim=True)    # N x 1 x H x W
-        per_mask = (masks * error).sum(dim=(2, 3)) / (masks.sum(dim=(2, 3)) + 1e-6)
-        return per_mask.sum(dim=1) * self.loss_weight / (n * masks.shape[1] * c)
-
-
-def _load_tokens(path: str, num_tokens: int, channels: int) -> torch.Tensor:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict):
-        candidates = [v for v in state.values() if torch.is_tensor(v) and v.dim() == 2]
-        if len(candidates) != 1:
-            raise ValueError(f"maskd: {path} must hold one M x C token tensor, found {len(candidates)}")
-        state = candidates[0]
-    if tuple(state.shape) != (num_tokens, channels):
-        raise ValueError(f"maskd: tokens in {path} have shape {tuple(state.shape)}, "
-                         f"expected ({num_tokens}, {channels})")
-    return state
+        masks = self.tokens.masks(teacher.float())                                     # N x T x H x W
+        if self.student_masks_after is not None and int(self.calls) > self.student_masks_after:
+            with torch.no_grad():
+                masks = masks * self.tokens.masks(prepared.detach().float())
+        error = (prepared - teacher).float().pow(2)                                    # N x C x H x W
+        masked_error = torch.einsum("nthw,nchw->nt", masks.pow(2), error)              # summed over C
+        per_token = masked_error / (c * masks.sum(dim=(2, 3)))
+        weights = self.tokens.weights(teacher.float())                                 # N x T
+        return (per_token * weights).sum(dim=1) * (self.loss_weight / n)
 
 
 class FGDLoss(BaseLoss):
@@ -332,9 +336,11 @@ def build_base_losses(name: str, num_levels: Optional[int], channels, **kwargs) 
                              "(or channels=C with num_levels=L)")
         per_level: Sequence[int] = ([channels] * (num_levels or 1) if isinstance(channels, int)
                                     else list(channels))
+        if cls.needs_level:
+            return nn.ModuleList([cls(channels=c, level=i, **kwargs) for i, c in enumerate(per_level)])
         return nn.ModuleList([cls(channels=c, **kwargs) for c in per_level])
     except TypeError as exc:
         import inspect
 
-        accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "channels")]
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "channels", "level")]
         raise ValueError(f"{name}: {exc}; accepted options: {', '.join(accepted)}") from None

@@ -34,6 +34,7 @@ def apply() -> None:
     _allow_cpu_distributed_data_parallel()
     _load_checkpoints_weights_only()
     _default_point_generator_device()
+    _progress_bars_follow_stdout()
     _APPLIED = True
 
 
@@ -141,6 +142,20 @@ def load_checkpoint_file(filename: str, map_location=None):
         raise
 
 
+def cached_download(url: str, model_dir=None) -> str:
+    """The local copy of a URL in torch's hub cache, downloaded once (never half-written)."""
+    import torch.hub
+
+    model_dir = model_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(model_dir, exist_ok=True)
+    cached = os.path.join(model_dir, os.path.basename(url.split("?")[0]))
+    if not os.path.exists(cached):
+        partial = f"{cached}.partial-{os.getpid()}"
+        torch.hub.download_url_to_file(url, partial, progress=True)
+        os.replace(partial, cached)
+    return cached
+
+
 def _load_checkpoints_weights_only() -> None:
     # Why: mmcv 1.x calls torch.load without weights_only. torch>=2.6 then defaults to
     # weights_only=True for files, but torch.hub's URL loader (used by mmcv for model-zoo URLs)
@@ -155,16 +170,7 @@ def _load_checkpoints_weights_only() -> None:
         return load_checkpoint_file(filename, map_location)
 
     def load_from_http(filename, map_location=None, model_dir=None):
-        import torch.hub
-
-        model_dir = model_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
-        os.makedirs(model_dir, exist_ok=True)
-        cached = os.path.join(model_dir, os.path.basename(filename.split("?")[0]))
-        if not os.path.exists(cached):
-            partial = f"{cached}.partial-{os.getpid()}"
-            torch.hub.download_url_to_file(filename, partial, progress=True)
-            os.replace(partial, cached)
-        return load_checkpoint_file(cached, map_location)
+        return load_checkpoint_file(cached_download(filename, model_dir), map_location)
 
     CheckpointLoader.register_scheme(prefixes="", force=True)(load_from_local)
     CheckpointLoader.register_scheme(prefixes=["http://", "https://"], force=True)(load_from_http)
@@ -190,3 +196,30 @@ def _default_point_generator_device() -> None:
 
     valid_flags._akd_patched = True
     MlvlPointGenerator.valid_flags = valid_flags
+
+
+def route_init_report_to(logger_name: str) -> None:
+    # Why: mmcv 1.7's rfsearch module creates the 'mmcv' logger when mmcv.cnn is imported, and
+    # BaseModule.init_weights reports to the first logger ever created. So every parameter's
+    # initialisation (hundreds of lines) went to the console, not to the run's log file, which
+    # only mmdet's logger writes. Moving the run's logger to the front restores mmdet 2.x's intent.
+    from mmcv.utils.logging import logger_initialized
+
+    if logger_name in logger_initialized:
+        for name in [n for n in logger_initialized if n != logger_name]:
+            logger_initialized[name] = logger_initialized.pop(name)
+
+
+def _progress_bars_follow_stdout() -> None:
+    # Why: mmcv.ProgressBar's `file=sys.stdout` default is bound when mmcv is imported, so the bar
+    # that mmdet's validation hook draws ignored any later redirection of stdout (akd shows its own).
+    import sys
+
+    from mmcv.utils import progressbar
+
+    original_init = progressbar.ProgressBar.__init__
+
+    def __init__(self, task_num=0, bar_width=50, start=True, file=None):
+        original_init(self, task_num, bar_width, start, sys.stdout if file is None else file)
+
+    progressbar.ProgressBar.__init__ = __init__

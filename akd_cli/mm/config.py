@@ -15,6 +15,8 @@ from akd_cli.presets import ModelSpec, Preset
 
 MMDET_SCHEME = "mmdet://"
 COCO_ROOT_IN_MMDET_CONFIGS = "data/coco/"
+ROLES = ("student", "teacher", "tokens")
+MASKD_TOKEN_ITERS = 2000
 SYNTH_CLASSES = ("disc", "box", "triangle", "ring", "cross", "star", "diamond", "hexagon", "crescent", "bar")
 
 
@@ -93,21 +95,25 @@ def synth_training_config(data: Dict[str, Any], data_root: str, epochs: int) -> 
         checkpoint_config=dict(interval=1, max_keep_ckpts=2),
         log_config=dict(interval=int(data.get("log_interval", 10)), hooks=[dict(type="TextLoggerHook")]),
         dist_params=dict(backend="nccl"), log_level="INFO", load_from=None, resume_from=None,
-        workflow=[("train", 1)], opencv_num_threads=0, mp_start_method="fork", auto_scale_lr=dict(enable=False, base_batch_size=16),
+        workflow=[("train", 1)], opencv_num_threads=0, mp_start_method="fork",
+        auto_scale_lr=dict(enable=False, base_batch_size=16),
     )
 
 
 def build_config(preset: Preset, *, data_root: Optional[str] = None, teacher_checkpoint: Optional[str] = None,
                  method: Optional[str] = None, num_avatars: Optional[int] = None, drop_rate: Optional[float] = None,
                  uncertainty: Optional[str] = None, epochs: Optional[int] = None, batch_size: Optional[int] = None,
-                 cfg_options: Optional[Dict[str, Any]] = None, role: str = "student"):
+                 cfg_options: Optional[Dict[str, Any]] = None, role: str = "student",
+                 token_file: Optional[str] = None, iters: Optional[int] = None):
     """The mmcv Config of a preset, with the command line's overrides applied.
 
     ``method="none"`` gives the student baseline: the distiller without a teacher.
     ``role="teacher"`` trains the preset's teacher model alone (how the tiny presets get a teacher).
+    ``role="tokens"`` learns MasKD's receptive tokens on the teacher (``iters`` iterations);
+    ``token_file`` gives the distillation such learnt tokens.
     """
-    if role not in ("student", "teacher"):
-        raise UserError(f"role must be 'student' or 'teacher', got {role!r}")
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     from mmcv import Config
 
     epochs = epochs or preset.epochs
@@ -129,14 +135,19 @@ def build_config(preset: Preset, *, data_root: Optional[str] = None, teacher_che
         base["evaluation"] = dict(base.get("evaluation", {}), interval=epochs)
         base["checkpoint_config"] = dict(base.get("checkpoint_config", {}), interval=1, max_keep_ckpts=3)
     base.pop("model", None)
+    if role == "tokens":
+        return _token_learning_config(preset, base, teacher, teacher_checkpoint, iters, batch_size, cfg_options)
     if role == "teacher":
         student, method = teacher, "none"
     distilled = method != "none"
+    if token_file and method != "maskd":
+        raise UserError(f"receptive tokens are for the MasKD base loss; this run distils with {method}")
     model = dict(type="AKDDistiller", student=student)
     if distilled:
         model.update(
             teacher=teacher, teacher_checkpoint=teacher_checkpoint or preset.teacher.checkpoint, method=method,
-            options=dict(preset.options) if method == preset.method else {},
+            options=dict(dict(preset.options) if method == preset.method else {},
+                         **({"token_file": token_file} if token_file else {})),
             distill=[dict(name=f.name, student=f.student, teacher=f.teacher, channels=list(f.channels),
                           **({"student_channels": list(f.student_channels)} if f.student_channels else {}))
                      for f in preset.features],
@@ -150,12 +161,70 @@ def build_config(preset: Preset, *, data_root: Optional[str] = None, teacher_che
     cfg.pop("total_epochs", None)
     if batch_size:
         cfg["data"] = dict(cfg["data"], samples_per_gpu=batch_size)
-    hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "RichProgressHook"]
-    cfg["custom_hooks"] = hooks + [dict(type="RichProgressHook", priority="VERY_LOW")]
-    cfg["custom_imports"] = dict(imports=["akd_cli.mm.distiller"], allow_failed_imports=False)
+    _add_akd_hooks_and_imports(cfg)
     cfg["akd"] = dict(preset=preset.name, method=method if distilled else "none",
                       role="teacher" if role == "teacher" else ("distilled" if distilled else "baseline"),
                       dataset="synth" if preset.tiny else "coco")
+    config = Config(cfg)
+    if cfg_options:
+        config.merge_from_dict(cfg_options)
+    return config
+
+
+def _add_akd_hooks_and_imports(cfg: Dict[str, Any]) -> None:
+    hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "RichProgressHook"]
+    cfg["custom_hooks"] = hooks + [dict(type="RichProgressHook", priority="VERY_LOW")]
+    cfg["custom_imports"] = dict(imports=["akd_cli.mm.distiller", "akd_cli.mm.token_learning"],
+                                 allow_failed_imports=False)
+
+
+def _loading_masks(dataset: Dict[str, Any]) -> Dict[str, Any]:
+    """A training dataset config whose pipeline also loads and collects the instance masks."""
+    dataset = copy.deepcopy(dataset)
+    inner = dataset["dataset"] if "pipeline" not in dataset and "dataset" in dataset else dataset
+    for step in inner["pipeline"]:
+        if step["type"] == "LoadAnnotations":
+            step["with_mask"] = True
+        if step["type"] == "Collect" and "gt_masks" not in step["keys"]:
+            step["keys"] = list(step["keys"]) + ["gt_masks"]
+    return dataset
+
+
+def _token_learning_config(preset: Preset, base: Dict[str, Any], teacher: Dict[str, Any],
+                           teacher_checkpoint: Optional[str], iters: Optional[int], batch_size: Optional[int],
+                           cfg_options: Optional[Dict[str, Any]]):
+    """MasKD's token-learning stage: its published schedule (Adam, lr 0.01, weight decay 1e-3,
+    cosine to 1e-6, 2000 iterations at 16 images per step), on the preset's data."""
+    from mmcv import Config
+
+    if len(preset.features) != 1:
+        raise UserError(f"preset {preset.name} distils {len(preset.features)} features; token learning "
+                        "masks one module's outputs (MasKD: the FPN neck)")
+    feature = preset.features[0]
+    options = dict(preset.options) if preset.method == "maskd" else {}
+    iters = iters or MASKD_TOKEN_ITERS
+    cfg = dict(base)
+    if (teacher.get("roi_head") or {}).get("mask_head"):
+        # The teacher's training loss includes its mask head (Cascade Mask R-CNN): load the masks.
+        cfg["data"] = dict(cfg["data"], train=_loading_masks(cfg["data"]["train"]))
+    cfg["model"] = dict(type="ReceptiveTokenLearner", detector=teacher,
+                        checkpoint=teacher_checkpoint or preset.teacher.checkpoint, module=feature.teacher,
+                        channels=list(feature.channels), num_tokens=int(options.get("num_tokens", 6)),
+                        weight_tokens=bool(options.get("weight_tokens", True)))
+    cfg["optimizer"] = dict(type="Adam", lr=0.01, weight_decay=0.001)
+    cfg["optimizer_config"] = dict(grad_clip=None)
+    cfg["lr_config"] = dict(policy="CosineAnnealing", min_lr=1e-6, by_epoch=False)
+    cfg["runner"] = dict(type="AKDIterBasedRunner", max_iters=iters)
+    cfg["checkpoint_config"] = dict(by_epoch=False, interval=iters, max_keep_ckpts=1)
+    cfg["log_config"] = dict(interval=min(50, iters), hooks=[dict(type="TextLoggerHook", by_epoch=False)])
+    cfg["workflow"] = [("train", 1)]
+    cfg.pop("evaluation", None)
+    cfg.pop("total_epochs", None)
+    cfg.update(load_from=None, resume_from=None)
+    if batch_size:
+        cfg["data"] = dict(cfg["data"], samples_per_gpu=batch_size)
+    _add_akd_hooks_and_imports(cfg)
+    cfg["akd"] = dict(preset=preset.name, method="maskd", role="tokens", dataset="synth" if preset.tiny else "coco")
     config = Config(cfg)
     if cfg_options:
         config.merge_from_dict(cfg_options)

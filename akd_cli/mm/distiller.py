@@ -4,7 +4,8 @@ Importing this module registers, in mmdet's and mmcv's registries:
 - ``AKDDistiller`` (DETECTORS): a trainable student plus a frozen teacher; named module outputs of
   both are recorded by forward hooks and distilled with ``AKDLoss``; at test time it is the student;
 - ``AKDOptimizerConstructor`` (OPTIMIZER_BUILDERS): the optimizer never sees the teacher;
-- ``AKDEpochBasedRunner`` (RUNNERS): checkpoints written atomically (temporary file, then rename);
+- ``AKDEpochBasedRunner``, ``AKDIterBasedRunner`` (RUNNERS): checkpoints written atomically
+  (temporary file, then rename);
 - ``RichProgressHook`` (HOOKS): a progress bar with ETA and the current losses.
 Generated configs import it through ``custom_imports``, so mmdet's own tools run them too.
 """
@@ -23,7 +24,7 @@ compat.apply()
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from mmcv.runner import (HOOKS, OPTIMIZER_BUILDERS, RUNNERS, DefaultOptimizerConstructor,  # noqa: E402
-                         EpochBasedRunner, Hook, get_dist_info)
+                         EpochBasedRunner, Hook, IterBasedRunner, get_dist_info)
 from mmdet.models import DETECTORS, build_detector  # noqa: E402
 from mmdet.models.detectors.base import BaseDetector  # noqa: E402
 
@@ -31,6 +32,33 @@ from akd_cli.core import AKDLoss  # noqa: E402
 from akd_cli.errors import UserError  # noqa: E402
 
 BACKBONE_ONLY_PREFIXES = ("backbone", "neck")
+
+
+def _build_akd_loss(method: str, channels: List[int], avatars: dict, options: dict) -> AKDLoss:
+    options = dict(options)
+    token_file = options.get("token_file")
+    if token_file:  # read once here for a one-line error on a missing, corrupt or unsafe file
+        try:
+            local = compat.cached_download(token_file) if "://" in token_file else os.path.expanduser(token_file)
+        except OSError as exc:  # urllib's errors are OSErrors: no network, 404, refused
+            raise UserError(f"cannot download the MasKD token file {token_file}: {exc}") from None
+        if not osp.isfile(local):
+            raise UserError(f"MasKD token file not found: {token_file}")
+        compat.load_checkpoint_file(local, map_location="cpu")
+        options["token_file"] = local
+    try:
+        return AKDLoss(base=method, channels=channels, num_levels=len(channels), **avatars, **options)
+    except ValueError as exc:  # options of the preset or --cfg-options: the user's input
+        raise UserError(str(exc)) from None
+
+
+def find_module(model: nn.Module, name: str, role: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"{role} has no module {name!r}{hint}")
+    return modules[name]
 
 
 class FeatureRecorder:
@@ -41,16 +69,10 @@ class FeatureRecorder:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], role: str):
-        modules = dict(model.named_modules())
         self.outputs: Dict[str, List[torch.Tensor]] = {}
         self.recording = False
-        self._handles = []
-        for name in dict.fromkeys(names):
-            if name not in modules:
-                close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise UserError(f"{role} has no module {name!r}{hint}")
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        self._handles = [find_module(model, name, role).register_forward_hook(self._hook(name))
+                         for name in dict.fromkeys(names)]
 
     def _hook(self, name):
         def record(module, inputs, output):
@@ -104,8 +126,7 @@ class AKDDistiller(BaseDetector):
             if student_channels != channels:
                 self.align[spec["name"]] = nn.ModuleList(
                     nn.Conv2d(s, t, kernel_size=1) for s, t in zip(student_channels, channels))
-            self.akd_losses[spec["name"]] = AKDLoss(base=method, channels=channels, num_levels=len(channels),
-                                                    **avatars, **(options or {}))
+            self.akd_losses[spec["name"]] = _build_akd_loss(method, channels, avatars, options or {})
         if self.teacher is not None:
             self.teacher.eval()
             for param in self.teacher.parameters():
@@ -253,56 +274,99 @@ def _fsync(path: str) -> None:
         os.fsync(f.fileno())
 
 
+def _save_atomically(save_to, out_dir: str, filename: str, create_symlink: bool) -> None:
+    """Checkpoints are written atomically: a killed run leaves either the previous checkpoint or the
+    new one, never a truncated file; ``latest.pth`` is swapped likewise."""
+    partial = f"{filename}.partial-{os.getpid()}"
+    save_to(partial)
+    final = osp.join(out_dir, filename)
+    _fsync(osp.join(out_dir, partial))
+    os.replace(osp.join(out_dir, partial), final)
+    if create_symlink:
+        link, tmp_link = osp.join(out_dir, "latest.pth"), osp.join(out_dir, f".latest.pth.{os.getpid()}")
+        if osp.lexists(tmp_link):
+            os.remove(tmp_link)
+        os.symlink(filename, tmp_link)
+        os.replace(tmp_link, link)
+
+
 @RUNNERS.register_module()
 class AKDEpochBasedRunner(EpochBasedRunner):
-    """EpochBasedRunner whose checkpoints are written atomically: a killed run leaves either the
-    previous checkpoint or the new one, never a truncated file; ``latest.pth`` is swapped likewise."""
+    """EpochBasedRunner with atomic checkpoints (see ``_save_atomically``)."""
 
     def save_checkpoint(self, out_dir, filename_tmpl="epoch_{}.pth", save_optimizer=True, meta=None,
                         create_symlink=True):
-        filename = filename_tmpl.format(self.epoch + 1)
-        partial = f"{filename}.partial-{os.getpid()}"
-        super().save_checkpoint(out_dir, filename_tmpl=partial, save_optimizer=save_optimizer, meta=meta,
-                                create_symlink=False)
-        final = osp.join(out_dir, filename)
-        _fsync(osp.join(out_dir, partial))
-        os.replace(osp.join(out_dir, partial), final)
-        if create_symlink:
-            link, tmp_link = osp.join(out_dir, "latest.pth"), osp.join(out_dir, f".latest.pth.{os.getpid()}")
-            if osp.lexists(tmp_link):
-                os.remove(tmp_link)
-            os.symlink(filename, tmp_link)
-            os.replace(tmp_link, link)
+        def save_to(partial):
+            super(AKDEpochBasedRunner, self).save_checkpoint(out_dir, filename_tmpl=partial, save_optimizer=save_optimizer,
+                                                             meta=meta, create_symlink=False)
+        _save_atomically(save_to, out_dir, filename_tmpl.format(self.epoch + 1), create_symlink)
+
+
+@RUNNERS.register_module()
+class AKDIterBasedRunner(IterBasedRunner):
+    """IterBasedRunner with atomic checkpoints (see ``_save_atomically``)."""
+
+    def save_checkpoint(self, out_dir, filename_tmpl="iter_{}.pth", meta=None, save_optimizer=True,
+                        create_symlink=True):
+        def save_to(partial):
+            super(AKDIterBasedRunner, self).save_checkpoint(out_dir, filename_tmpl=partial, meta=meta,
+                                                            save_optimizer=save_optimizer, create_symlink=False)
+        _save_atomically(save_to, out_dir, filename_tmpl.format(self.iter + 1), create_symlink)
 
 
 @HOOKS.register_module()
 class RichProgressHook(Hook):
-    """A rich progress bar over all training iterations, with ETA and the current losses (rank 0)."""
+    """Progress over all training iterations with ETA and the current losses (rank 0): a live bar
+    on a terminal; where the output goes to a file (a Slurm log, CI), one line per epoch, or per
+    tenth of the run for iteration-based runs."""
 
     def __init__(self, max_losses: int = 4):
         self.max_losses = max_losses
         self.progress = None
+        self.console = None
+
+    @staticmethod
+    def _stage(runner) -> str:
+        return f"epoch {runner.epoch + 1}" if isinstance(runner, EpochBasedRunner) else "iterations"
 
     def before_run(self, runner):
         if get_dist_info()[0] != 0:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import TextColumn
 
-        self.progress = Progress(TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[losses]}"))
+        from akd_cli.mm.console import progress, progress_console
+
+        self.console = progress_console()
+        if not self.console.is_terminal:
+            return
+        self.progress = progress(TextColumn("[bold]train[/] {task.fields[stage]}"), TextColumn("{task.fields[losses]}"))
         self.progress.start()
         self.task = self.progress.add_task("train", total=runner.max_iters, completed=runner.iter,
-                                           epoch=runner.epoch + 1, losses="")
+                                           stage=self._stage(runner), losses="")
+
+    def _losses(self, runner) -> str:
+        log_vars = (runner.outputs or {}).get("log_vars", {})
+        shown = [k for k in log_vars if k == "loss" or k.startswith(("loss_akd", "loss_token"))]
+        shown += [k for k in log_vars if k.startswith("loss") and k not in shown][: max(self.max_losses - len(shown), 0)]
+        return " ".join(f"{k.replace('loss_', '')}={log_vars[k]:.4g}" for k in shown)
+
+    def _print_line(self, runner, done: int):
+        where = (f"epoch {runner.epoch + 1}/{runner.max_epochs}: " if isinstance(runner, EpochBasedRunner) else "")
+        self.console.print(f"train {where}iteration {done}/{runner.max_iters} {self._losses(runner)}",
+                           highlight=False, soft_wrap=True)
 
     def after_train_iter(self, runner):
-        if self.progress is None:
-            return
-        log_vars = (runner.outputs or {}).get("log_vars", {})
-        shown = [k for k in log_vars if k == "loss" or k.startswith("loss_akd")]
-        shown += [k for k in log_vars if k.startswith("loss") and k not in shown][: max(self.max_losses - len(shown), 0)]
-        losses = " ".join(f"{k.replace('loss_', '')}={log_vars[k]:.4g}" for k in shown)
-        self.progress.update(self.task, completed=runner.iter + 1, epoch=runner.epoch + 1, losses=losses)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=runner.iter + 1, stage=self._stage(runner),
+                                 losses=self._losses(runner))
+        elif self.console is not None and not isinstance(runner, EpochBasedRunner):
+            done, every = runner.iter + 1, max(1, runner.max_iters // 10)
+            if done % every == 0 or done == runner.max_iters:
+                self._print_line(runner, done)
+
+    def after_train_epoch(self, runner):
+        if self.console is not None and self.progress is None:
+            self._print_line(runner, runner.iter)
 
     def after_run(self, runner):
         if self.progress is not None:

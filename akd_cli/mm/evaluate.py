@@ -156,6 +156,9 @@ def coco_metrics(dataset, results_json: str) -> Dict[str, float]:
 def run_inference(model, data_loader, device: str, rank: int, world_size: int, total: int) -> List[Any]:
     import torch
     from mmcv.parallel import MMDataParallel
+    from rich.progress import TextColumn
+
+    from akd_cli.mm.console import progress
 
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -164,8 +167,8 @@ def run_inference(model, data_loader, device: str, rank: int, world_size: int, t
         model = MMDataParallel(model)
     model.eval()
     results: List[Any] = []
-    progress = _progress() if rank == 0 else contextlib.nullcontext()
-    with progress as bar:
+    display = progress(TextColumn("[bold]eval[/]")) if rank == 0 else contextlib.nullcontext()
+    with display as bar:
         task = bar.add_task("eval", total=total) if rank == 0 else None
         for data in data_loader:
             with torch.no_grad():
@@ -174,13 +177,6 @@ def run_inference(model, data_loader, device: str, rank: int, world_size: int, t
             if rank == 0:
                 bar.update(task, advance=min(len(batch) * world_size, total - bar.tasks[0].completed))
     return results
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn())
 
 
 def evaluate(request: EvalRequest) -> Optional[Dict[str, Any]]:
@@ -194,6 +190,7 @@ def evaluate(request: EvalRequest) -> Optional[Dict[str, Any]]:
 
     from akd_cli import __version__
     from akd_cli.mm.checks import check_dataset
+    from akd_cli.mm.console import stack_stdout_hidden
     from akd_cli.mm.train import _init_distributed
     from mmdet.apis.test import collect_results_cpu
     from mmdet.datasets import build_dataloader, build_dataset, replace_ImageToTensor
@@ -210,7 +207,8 @@ def evaluate(request: EvalRequest) -> Optional[Dict[str, Any]]:
     test_cfg.test_mode = True
     if request.batch_size > 1:
         test_cfg.pipeline = replace_ImageToTensor(test_cfg.pipeline)
-    dataset = build_dataset(test_cfg)
+    with stack_stdout_hidden():
+        dataset = build_dataset(test_cfg)
     loader = build_dataloader(dataset, samples_per_gpu=request.batch_size, workers_per_gpu=cfg.data.get("workers_per_gpu", 0),
                               dist=distributed, shuffle=False)
     model.CLASSES = dataset.CLASSES
