@@ -274,44 +274,43 @@ def _fsync(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def _save_atomically(save_to, out_dir: str, filename: str, create_symlink: bool) -> None:
-    """Checkpoints are written atomically: a killed run leaves either the previous checkpoint or the
-    new one, never a truncated file; ``latest.pth`` is swapped likewise."""
-    partial = f"{filename}.partial-{os.getpid()}"
-    save_to(partial)
-    final = osp.join(out_dir, filename)
-    _fsync(osp.join(out_dir, partial))
-    os.replace(osp.join(out_dir, partial), final)
-    if create_symlink:
-        link, tmp_link = osp.join(out_dir, "latest.pth"), osp.join(out_dir, f".latest.pth.{os.getpid()}")
-        if osp.lexists(tmp_link):
-            os.remove(tmp_link)
-        os.symlink(filename, tmp_link)
-        os.replace(tmp_link, link)
+class _AtomicCheckpoints:
+    """Checkpoints written atomically: a killed run leaves either the previous checkpoint or the new
+    one, never a truncated file; ``latest.pth`` is swapped likewise. Mixed into mmcv's runners."""
+
+    checkpoint_template = "{}.pth"
+
+    def checkpoint_number(self) -> int:
+        raise NotImplementedError
+
+    def save_checkpoint(self, out_dir, filename_tmpl=None, *, create_symlink=True, **kwargs):
+        filename = (filename_tmpl or self.checkpoint_template).format(self.checkpoint_number())
+        partial = f"{filename}.partial-{os.getpid()}"
+        super().save_checkpoint(out_dir, filename_tmpl=partial, create_symlink=False, **kwargs)
+        _fsync(osp.join(out_dir, partial))
+        os.replace(osp.join(out_dir, partial), osp.join(out_dir, filename))
+        if create_symlink:
+            link, tmp_link = osp.join(out_dir, "latest.pth"), osp.join(out_dir, f".latest.pth.{os.getpid()}")
+            if osp.lexists(tmp_link):
+                os.remove(tmp_link)
+            os.symlink(filename, tmp_link)
+            os.replace(tmp_link, link)
 
 
 @RUNNERS.register_module()
-class AKDEpochBasedRunner(EpochBasedRunner):
-    """EpochBasedRunner with atomic checkpoints (see ``_save_atomically``)."""
+class AKDEpochBasedRunner(_AtomicCheckpoints, EpochBasedRunner):
+    checkpoint_template = "epoch_{}.pth"
 
-    def save_checkpoint(self, out_dir, filename_tmpl="epoch_{}.pth", save_optimizer=True, meta=None,
-                        create_symlink=True):
-        def save_to(partial):
-            super(AKDEpochBasedRunner, self).save_checkpoint(out_dir, filename_tmpl=partial, save_optimizer=save_optimizer,
-                                                             meta=meta, create_symlink=False)
-        _save_atomically(save_to, out_dir, filename_tmpl.format(self.epoch + 1), create_symlink)
+    def checkpoint_number(self) -> int:
+        return self.epoch + 1
 
 
 @RUNNERS.register_module()
-class AKDIterBasedRunner(IterBasedRunner):
-    """IterBasedRunner with atomic checkpoints (see ``_save_atomically``)."""
+class AKDIterBasedRunner(_AtomicCheckpoints, IterBasedRunner):
+    checkpoint_template = "iter_{}.pth"
 
-    def save_checkpoint(self, out_dir, filename_tmpl="iter_{}.pth", meta=None, save_optimizer=True,
-                        create_symlink=True):
-        def save_to(partial):
-            super(AKDIterBasedRunner, self).save_checkpoint(out_dir, filename_tmpl=partial, meta=meta,
-                                                            save_optimizer=save_optimizer, create_symlink=False)
-        _save_atomically(save_to, out_dir, filename_tmpl.format(self.iter + 1), create_symlink)
+    def checkpoint_number(self) -> int:
+        return self.iter + 1
 
 
 @HOOKS.register_module()
