@@ -1,0 +1,157 @@
+"""On a CUDA machine: mmcv-full's compiled CUDA ops against their CPU twins, the AKD core under
+autocast, `akd train --amp` and `akd eval` on the GPU, and one NCCL worker through mmdet's
+distributed path. Skipped where torch sees no GPU (CI has none); run them with `make test` there."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from akd_cli import AKDLoss
+from akd_cli.core import BASE_LOSSES
+from conftest import TINY, run_akd
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_mmcv_ops_are_compiled_for_the_cuda_of_torch():
+    from mmcv.ops import get_compiler_version, get_compiling_cuda_version
+
+    compiled = get_compiling_cuda_version()
+    assert compiled != "not available", "mmcv-full was built without CUDA ops"
+    assert compiled.split(".")[0] == torch.version.cuda.split(".")[0], (compiled, torch.version.cuda)
+    assert get_compiler_version()
+
+
+def test_cuda_nms_roi_align_and_deform_conv_agree_with_the_cpu_ops():
+    from mmcv.ops import DeformConv2d, RoIAlign, nms
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 10 + torch.rand(300, 2, generator=g) * 60], dim=1)
+    scores = torch.rand(300, generator=g)
+    _, keep_cpu = nms(boxes, scores, iou_threshold=0.5)
+    _, keep_gpu = nms(boxes.cuda(), scores.cuda(), iou_threshold=0.5)
+    assert 0 < len(keep_cpu) < 300
+    assert torch.equal(keep_gpu.cpu(), keep_cpu)
+
+    feats = torch.randn(2, 8, 40, 48, generator=g)
+    rois = torch.tensor([[0, 3.0, 4.0, 30.0, 25.0], [1, 0.5, 0.5, 47.0, 39.0], [1, 10.2, 7.7, 18.9, 33.1]])
+    align = RoIAlign((7, 7), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    assert torch.allclose(align(feats.cuda(), rois.cuda()).cpu(), align(feats, rois), atol=1e-5)
+
+    torch.manual_seed(0)
+    conv = DeformConv2d(8, 16, kernel_size=3, padding=1)
+    offset = torch.randn(2, 18, 40, 48, generator=g) * 2
+    expected = conv(feats, offset)
+    got = conv.cuda()(feats.cuda(), offset.cuda()).cpu()
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_sigmoid_focal_loss_matches_mmdets_python_formula():
+    from mmcv.ops import sigmoid_focal_loss
+    from mmdet.models.losses.focal_loss import py_sigmoid_focal_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(500, 6, generator=g)
+    labels = torch.randint(0, 7, (500,), generator=g)  # 6 = background
+    one_hot = torch.nn.functional.one_hot(labels, 7)[:, :6].float()
+    expected = py_sigmoid_focal_loss(pred, one_hot, gamma=2.0, alpha=0.25, reduction="sum")
+    got = sigmoid_focal_loss(pred.cuda(), labels.cuda(), 2.0, 0.25, None, "sum")
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def _fpn_like(seed, n=2, channels=32, size=(100, 136)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, channels, size[0] // 2 ** i, size[1] // 2 ** i, generator=g) * 3 for i in range(3)]
+
+
+def _kwargs(base, channels=32):
+    return {"channels": channels, "num_levels": 3} if BASE_LOSSES[base].needs_channels else {}
+
+
+def _context(base):
+    if base != "fgd":
+        return {}
+    boxes = [torch.tensor([[4.0, 4.0, 60.0, 40.0]]).cuda(), torch.tensor([[10.0, 20.0, 90.0, 80.0]]).cuda()]
+    return {"gt_bboxes": boxes, "img_shape": (100, 136)}
+
+
+@pytest.mark.parametrize("base", sorted(set(BASE_LOSSES) - {"mgd"}))
+def test_base_losses_on_the_gpu_equal_the_cpu_values(base):
+    """MGD draws a random mask, so its value is device-dependent by design; the others are exact."""
+    student, teacher = _fpn_like(0), _fpn_like(1)
+    torch.manual_seed(0)
+    loss = AKDLoss(base=base, num_avatars=0, **_kwargs(base))
+    ctx_cpu = {k: ([b.cpu() for b in v] if k == "gt_bboxes" else v) for k, v in _context(base).items()}
+    on_cpu = loss(student, teacher, **ctx_cpu).item()
+    on_gpu = loss.cuda()([s.cuda() for s in student], [t.cuda() for t in teacher], **_context(base)).item()
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-4)
+
+
+@pytest.mark.parametrize("base", sorted(BASE_LOSSES))
+def test_akd_under_autocast_gives_the_float32_loss_and_finite_gradients(base):
+    """As under --amp: the student's features come out of a conv in float16; the Avatar weights
+    (~1/u, far beyond float16's range) must not overflow, and the loss must be float32."""
+    torch.manual_seed(0)
+    stem = torch.nn.Conv2d(32, 32, 3, padding=1).cuda()
+    inputs = [x.cuda() for x in _fpn_like(0)]
+    teacher = [x.cuda() for x in _fpn_like(1)]
+    akd = AKDLoss(base=base, num_avatars=4, **_kwargs(base)).cuda()
+    values = {}
+    for amp in (False, True):
+        stem.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            student = [stem(x) for x in inputs]
+            teacher_side = [t.half() if amp else t for t in teacher]
+            assert student[0].dtype == (torch.float16 if amp else torch.float32)
+            loss = akd(student, teacher_side, **_context(base))
+        assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+        loss.backward()
+        assert torch.isfinite(stem.weight.grad).all() and stem.weight.grad.abs().sum() > 0
+        values[amp] = loss.item()
+    # Four Avatars of ~10^5 positions: their draw moves the loss far less than this tolerance.
+    assert values[True] == pytest.approx(values[False], rel=3e-2)
+
+
+def test_akd_train_with_amp_on_the_gpu_then_eval_on_the_gpu(synth_root, teacher_checkpoint, tmp_path):
+    work = tmp_path / "amp"
+    result = run_akd("train", "--preset", TINY, "--data-root", synth_root, "--work-dir", work, "--epochs", 1,
+                     "--batch-size", 4, "--teacher-checkpoint", teacher_checkpoint, "--avatars", 2, "--amp",
+                     "--cfg-options", "log_config.interval=1", cwd=tmp_path)
+    assert "done: student checkpoint" in result.stdout
+    log = "".join(p.read_text() for p in work.glob("*.log"))
+    assert "1 worker(s) on cuda" in log, log[-2000:]
+    records = [json.loads(line) for p in work.glob("*.log.json") for line in p.read_text().splitlines()
+               if line.startswith("{") and '"mode": "train"' in line]
+    assert records and all(math.isfinite(r["loss_akd_cwd_fpn"]) and r["loss_akd_cwd_fpn"] > 0 for r in records)
+    full = torch.load(work / "latest.pth", map_location="cpu", weights_only=True)
+    assert full["meta"]["fp16"]["loss_scaler"]["scale"] > 0, "mixed precision ran through mmcv's Fp16OptimizerHook"
+
+    metrics = tmp_path / "metrics.json"
+    run_akd("eval", work / "student.pth", "--out", metrics, cwd=tmp_path)
+    record = json.loads(metrics.read_text())
+    assert record["device"] == "cuda" and record["dataset"]["images"] == 8
+    assert 0.0 <= record["metrics"]["bbox_mAP"] <= 1.0
+
+
+def test_one_nccl_worker_trains_and_evaluates_through_mmdets_distributed_path(synth_root, teacher_checkpoint):
+    from akd_cli.mm.launch import free_port
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(TESTS / "nccl_worker.py"), str(synth_root), str(teacher_checkpoint)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["param_device"] == "cuda:0"
+    assert math.isfinite(report["log_vars"]["loss"]) and report["log_vars"]["loss_akd_cwd_fpn"] > 0
+    assert report["results"] == report["images"] == 8
+    assert 0.0 <= report["bbox_mAP"] <= 1.0
