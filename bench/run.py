@@ -132,32 +132,34 @@ def bench_eval(repeats: int = 3) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="startup,core,train,eval", help="comma-separated: startup,core,train,eval")
+    parser.add_argument("--devices", default="cpu,cuda",
+                        help="comma-separated: cpu,cuda (the core and train parts; cuda where present)")
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
     args = parser.parse_args()
     import torch
 
-    cuda = torch.cuda.is_available()
     parts = args.only.split(",")
+    cpu = "cpu" in args.devices.split(",")
+    cuda = "cuda" in args.devices.split(",") and torch.cuda.is_available()
     sections = []
     if "startup" in parts:
         sections.append(bench_startup())
     if "core" in parts:
-        sections.append(bench_core("cpu"))
-        if cuda:
-            sections.append(bench_core("cuda"))
+        sections += [bench_core(device) for device, wanted in (("cpu", cpu), ("cuda", cuda)) if wanted]
     if "train" in parts:
-        sections.append(bench_train_step("tiny-fcos-r34-r18", "128x128", 8, "cpu", 20))
+        if cpu:
+            sections.append(bench_train_step("tiny-fcos-r34-r18", "128x128", 8, "cpu", 20))
         if cuda:
             sections.append(bench_train_step("fcos-r101-r50", "1333x800", 2, "cuda", 20))
     if "eval" in parts:
         sections.append(bench_eval())
     header = ("# Benchmark results\n\nWritten by `python bench/run.py` (see bench/README.md). "
               "Each section says which machine, date and command produced it.\n")
-    if not cuda:
-        header += ("\nNo CUDA device on the machine that wrote this file: the CUDA sections (core losses on GPU, "
-                   "FCOS R101 -> R50 at 1333x800) are absent; run `python bench/run.py` on a CUDA machine to add them.\n")
     out = Path(args.out)
     merged = merge_sections(out.read_text() if out.exists() else "", sections)
+    if not any("(cuda)" in sec.split("\n", 1)[0] for sec in merged):
+        header += ("\nNo CUDA device on the machines that wrote this file: the CUDA sections (core losses on GPU, "
+                   "FCOS R101 -> R50 at 1333x800) are absent; run `python bench/run.py` on a CUDA machine to add them.\n")
     out.write_text(header + "\n" + "\n".join(merged))
     print(f"wrote {args.out}")
 

@@ -44,6 +44,9 @@ def build_step(preset_name: str, method, avatars: int, width: int, height: int, 
     torch.manual_seed(0)
     preset = load_preset(preset_name)
     cfg = build_config(preset, method=method, num_avatars=avatars, teacher_checkpoint="unused")
+    if cfg.model.get("options"):
+        # MasKD's released tokens are a download; random tokens of the same shape cost the same.
+        cfg.model.options.pop("token_file", None)
     model = build_detector(cfg.model).to(device)
     model.train()
     params = [p for n, p in model.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
