@@ -39,8 +39,8 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(stamp_value)" ]] \
 fi
 
 command -v "$BASE_PYTHON" >/dev/null || die "no '$BASE_PYTHON' on PATH (set PYTHON=...)"
-"$BASE_PYTHON" -c 'import sys; sys.exit(not ((3, 8) <= sys.version_info[:2] <= (3, 11)))' \
-  || die "mmcv-full 1.7 / mmdet 2.x need Python 3.8-3.11; '$BASE_PYTHON' is $("$BASE_PYTHON" -V 2>&1)"
+"$BASE_PYTHON" -c 'import sys; sys.exit(not ((3, 8) <= sys.version_info[:2] <= (3, 12)))' \
+  || die "mmcv-full 1.7 / mmdet 2.x need Python 3.8-3.12; '$BASE_PYTHON' is $("$BASE_PYTHON" -V 2>&1)"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   if "$BASE_PYTHON" -c "import torch" >/dev/null 2>&1; then
