@@ -32,8 +32,9 @@ def apply() -> None:
     _quiet_known_warnings()
     _restore_numpy_aliases()
     _allow_cpu_distributed_data_parallel()
+    _scatter_streams_by_device_index()
     _load_checkpoints_weights_only()
-    _default_point_generator_device()
+    _reppoints_valid_flags_where_the_points_are()
     _progress_bars_follow_stdout()
     _APPLIED = True
 
@@ -114,6 +115,28 @@ def _allow_cpu_distributed_data_parallel() -> None:
         pass
 
 
+def _scatter_streams_by_device_index() -> None:
+    # Why: mmcv 1.7's Scatter, which moves every batch to the GPU for MMDataParallel and
+    # MMDistributedDataParallel, passes int device indices to torch's private _get_stream; since
+    # torch 2.1 that takes a torch.device, so every GPU training and evaluation step failed with
+    # "'int' object has no attribute 'type'". mmcv's copy code was written for torch.cuda.Stream:
+    # it gets one such background stream per device again.
+    import mmcv.parallel._functions as mmcv_scatter
+    import torch
+
+    streams = {}
+
+    def copy_stream(device):
+        index = device.index if isinstance(device, torch.device) else device
+        if index is None or index < 0:
+            return None
+        if index not in streams:
+            streams[index] = torch.cuda.Stream(device=index)
+        return streams[index]
+
+    mmcv_scatter._get_stream = copy_stream
+
+
 def trusted() -> bool:
     return os.environ.get(TRUST_ENV, "") not in ("", "0", "false", "no")
 
@@ -176,26 +199,21 @@ def _load_checkpoints_weights_only() -> None:
     CheckpointLoader.register_scheme(prefixes=["http://", "https://"], force=True)(load_from_http)
 
 
-def _default_point_generator_device() -> None:
-    # Why: mmdet 2.28's RepPointsHead.get_points calls MlvlPointGenerator.valid_flags without a
-    # device, whose default is 'cuda': RepPoints could not train on a CPU-only torch. The default
-    # becomes the CUDA device when there is one and the CPU otherwise.
-    import functools
+def _reppoints_valid_flags_where_the_points_are() -> None:
+    # Why: mmdet 2.28's RepPointsHead.get_points puts the points on the features' device but asks
+    # MlvlPointGenerator.valid_flags without a device, whose default is 'cuda': RepPoints could not
+    # train on a CPU-only torch, nor on the CPU of a GPU machine (indices on another device). The
+    # anchor heads pass the device; this does the same.
+    from mmdet.models.dense_heads.reppoints_head import RepPointsHead
 
-    import torch
-    from mmdet.core.anchor.point_generator import MlvlPointGenerator
+    def get_points(self, featmap_sizes, img_metas, device):
+        points = self.prior_generator.grid_priors(featmap_sizes, device=device, with_stride=True)
+        points_list = [[p.clone() for p in points] for _ in img_metas]
+        valid_flag_list = [self.prior_generator.valid_flags(featmap_sizes, meta["pad_shape"], device=device)
+                           for meta in img_metas]
+        return points_list, valid_flag_list
 
-    original = MlvlPointGenerator.valid_flags
-    if getattr(original, "_akd_patched", False):
-        return
-
-    @functools.wraps(original)
-    def valid_flags(self, featmap_sizes, pad_shape, device=None):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return original(self, featmap_sizes, pad_shape, device=device)
-
-    valid_flags._akd_patched = True
-    MlvlPointGenerator.valid_flags = valid_flags
+    RepPointsHead.get_points = get_points
 
 
 def route_init_report_to(logger_name: str) -> None:
