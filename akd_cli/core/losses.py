@@ -21,11 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from akd_cli.core.precision import float32_reductions
+
 
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum over the last dim of a * b, in float32, without materialising the product (a batched
     matrix product): per-Avatar temporaries would otherwise make peak memory grow with Avatars."""
-    return torch.einsum("...i,...i->...", a.float(), b.float())
+    with float32_reductions(a):
+        return torch.einsum("...i,...i->...", a.float(), b.float())
 
 
 class BaseLoss(nn.Module):
@@ -223,14 +226,16 @@ class MasKDLoss(BaseLoss):
 
     def per_image(self, prepared, teacher, **context):
         n, c = teacher.shape[:2]
-        masks = self.tokens.masks(teacher.float())                                     # N x T x H x W
+        # float32 whatever autocast made of the token products: c * sum_hw m_t alone exceeds 65504
+        masks = self.tokens.masks(teacher.float()).float()                             # N x T x H x W
         if self.student_masks_after is not None and int(self.calls) > self.student_masks_after:
             with torch.no_grad():
                 masks = masks * self.tokens.masks(prepared.detach().float())
         error = (prepared - teacher).float().pow(2)                                    # N x C x H x W
-        masked_error = torch.einsum("nthw,nchw->nt", masks.pow(2), error)              # summed over C
+        with float32_reductions(error):
+            masked_error = torch.einsum("nthw,nchw->nt", masks.pow(2), error)          # summed over C
         per_token = masked_error / (c * masks.sum(dim=(2, 3)))
-        weights = self.tokens.weights(teacher.float())                                 # N x T
+        weights = self.tokens.weights(teacher.float()).float()                         # N x T
         return (per_token * weights).sum(dim=1) * (self.loss_weight / n)
 
 

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from akd_cli.core.precision import float32_reductions
+
 LEVEL_KEY = re.compile(r"(?:^|\.)mask_modules\.(\d+)\.(.+)$")
 
 
@@ -65,7 +67,9 @@ def dice_overlap(masks: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     flat = masks.flatten(2)                                            # N x T x P
     if flat.shape[1] < 2:
         return flat.sum() * 0.0
-    inner = flat @ flat.transpose(1, 2)                                # N x T x T
+    with float32_reductions(flat):
+        flat = flat.float()
+        inner = flat @ flat.transpose(1, 2)                            # N x T x T
     norms = torch.diagonal(inner, dim1=1, dim2=2) + eps                # N x T
     dice = 2.0 * inner / (norms.unsqueeze(2) + norms.unsqueeze(1))
     off_diagonal = ~torch.eye(flat.shape[1], dtype=torch.bool, device=flat.device)
