@@ -1,6 +1,6 @@
 """One NCCL worker (world size 1) for the CUDA tests: mmdet's build_ddp, mmcv's DDP scatter, a
 distiller training step and mmdet's multi_gpu_test with GPU collection, as distributed training and
-evaluation run them. Prints one JSON line: the step's losses and the bbox mAP."""
+evaluation run them. Prints one JSON line: the step's losses, the gathered results, the bbox mAP."""
 import json
 import sys
 
@@ -44,4 +44,6 @@ if __name__ == "__main__":
     metrics = val_set.evaluate(results, metric="bbox")
     dist.destroy_process_group()
     print(json.dumps({"log_vars": outputs["log_vars"], "results": len(results), "images": len(val_set),
-                      "bbox_mAP": metrics["bbox_mAP"], "param_device": str(next(ddp.module.parameters()).device)}))
+                      "classes_per_result": [len(per_class) for per_class in results],
+                      "detections": sum(len(boxes) for per_class in results for boxes in per_class),
+                      "bbox_mAP": metrics.get("bbox_mAP"), "param_device": str(next(ddp.module.parameters()).device)}))
