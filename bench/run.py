@@ -140,8 +140,9 @@ def main() -> None:
     import torch
 
     parts = args.only.split(",")
-    cpu = "cpu" in args.devices.split(",")
-    cuda = "cuda" in args.devices.split(",") and torch.cuda.is_available()
+    devices = args.devices.split(",")
+    cpu = "cpu" in devices
+    cuda = "cuda" in devices and torch.cuda.is_available()
     sections = []
     if "startup" in parts:
         sections.append(bench_startup())
