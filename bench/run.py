@@ -78,8 +78,15 @@ def bench_core(device: str) -> str:
     # A GPU step takes milliseconds: more repeats for a stable median at no real cost.
     cmd = [PY, str(BENCH / "core_losses.py"), "--device", device, "--repeats", "20" if device == "cuda" else "5"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    sys.path.insert(0, str(REPO))
+    from akd_cli.core.losses import BASE_LOSSES
+
+    fused = [name for name, cls in BASE_LOSSES.items() if cls.fusable]
+    looped = [name for name, cls in BASE_LOSSES.items() if not cls.fusable]
     note = ("Cells: the plain base loss's forward+backward time and peak memory, then AKD's as multiples of it. "
-            "CWD, MSE, PKD and MGD fuse the Avatars before the student-side term; MasKD and FGD loop over them.")
+            f"From 2 Avatars, {', '.join(fused)} fuse the Avatars before the student-side term"
+            + (f"; {', '.join(looped)} loop{'s' if len(looped) == 1 else ''} over them" if looped else "")
+            + ". One Avatar is the base loss on it (its factor is 1).")
     return section(f"AKD core: loss forward+backward, ResNet-50 FPN shapes at 1333x800, batch 2 ({device})",
                    " ".join(["python bench/core_losses.py"] + cmd[2:]), out.strip(), note)
 

@@ -135,6 +135,28 @@ def test_maskd_student_masks_join_after_the_warm_up():
     assert before[0] == before[1] and after != pytest.approx(before[0]) and int(loss.calls) == 3
 
 
+@pytest.mark.parametrize("student_masks_after", [None, 0])
+def test_maskd_avatars_fused_through_position_weights_equal_the_loop(student_masks_after):
+    """MasKD's masks depend on each Avatar, yet per position its loss is a weighted squared error:
+    the fused Avatars give the loop's value and gradient, with the student's masks too."""
+    student, teacher = features()
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        akd = AKDLoss(base="maskd", num_avatars=5, drop_rate=0.3, fused=fused, channels=CHANNELS, num_levels=LEVELS,
+                      num_tokens=3, student_masks_after=student_masks_after, align=True)
+        with torch.no_grad():
+            for base in akd.base_losses:
+                base.tokens.mask_token.normal_()  # masks far from 1/2 and unlike each other
+        torch.manual_seed(1)
+        loss = akd(student, teacher)
+        results.append((loss.item(), torch.autograd.grad(loss, student + [akd.base_losses[0].align.weight])))
+    (fused_value, fused_grads), (loop_value, loop_grads) = results
+    assert fused_value == pytest.approx(loop_value, rel=1e-5)
+    for g_fused, g_loop in zip(fused_grads, loop_grads):
+        assert torch.allclose(g_fused, g_loop, rtol=1e-4, atol=1e-7)
+
+
 def test_token_files_round_trip_per_level_and_in_the_released_layout(tmp_path):
     from akd_cli.core.tokens import ReceptiveTokens, token_file_state
 
@@ -444,15 +466,17 @@ def _saved_bytes(fn):
     return sum(saved)
 
 
-@pytest.mark.parametrize("base", ["cwd", "mse", "pkd", "mgd"])
+@pytest.mark.parametrize("base", ["cwd", "mse", "pkd", "mgd", "maskd"])
 def test_fused_memory_does_not_grow_with_avatars(base):
     student, teacher = features()
     kwargs = base_kwargs(base)
     cost = {k: _saved_bytes(lambda: AKDLoss(base=base, num_avatars=k, **kwargs)(student, teacher))
-            for k in (1, 8)}
-    assert cost[8] == cost[1]
+            for k in (1, 2, 8)}
+    assert cost[8] == cost[2]
     looped = _saved_bytes(lambda: AKDLoss(base=base, num_avatars=8, fused=False, **kwargs)(student, teacher))
-    assert looped > cost[1]
+    assert looped > cost[2]
+    # one Avatar is the base loss on it, whose memory is at most the fused form's
+    assert cost[1] <= cost[2] and cost[1] == _saved_bytes(lambda: AKDLoss(base=base, num_avatars=0, **kwargs)(student, teacher))
 
 
 # --- bad input ----------------------------------------------------------------------------------

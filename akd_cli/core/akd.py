@@ -86,6 +86,13 @@ class AKDLoss(nn.Module):
         if self.uncertainty == "bn":
             student = standardise(student)
         prepared = base.prepare_student(student, **context)
+        if self.num_avatars == 1:
+            # A lone Avatar's factor normalises to one in every mode: its loss is the base loss on
+            # it, with no uncertainty pass and no accumulator (the paper's setting, at its least cost).
+            avatar = make_avatar(teacher, self.perturbation, self.drop_rate)
+            if self.uncertainty == "bn":
+                avatar = standardise(avatar)
+            return base.per_image(prepared, avatar, **context).sum()
         fuse = self.fused and base.fusable
         # Weights and accumulators stay in float32 whatever the features' dtype: the unnormalised
         # weights exceed float16's range (1 / u is ~1e5 on real FPN maps), which under AMP made NaNs.
@@ -97,7 +104,7 @@ class AKDLoss(nn.Module):
             if self.uncertainty == "bn":
                 avatar = standardise(avatar)
             if fuse:
-                phi, constant = base.target(avatar, **context)
+                phi, constant = base.target(prepared, avatar, **context)
                 phi_dtype = phi.dtype
                 per_image = weight.view(-1, *([1] * (phi.dim() - 1)))
                 constant = constant * weight.double()

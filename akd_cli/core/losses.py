@@ -4,8 +4,9 @@ Every loss is written per image: ``per_image(prepared_student, teacher) -> (N,)`
 the batch is the loss. That lets the uncertainty factor weight Avatars image by image.
 
 Losses that are *linear in a teacher-side term* (``fusable = True``) also split into
-``target(teacher) -> (phi, constant)`` (the teacher-side term, and per image the part of the loss that
-does not involve the student) and ``fused(prepared_student, phi_bar, constant_bar) -> (N,)``.
+``target(prepared_student, teacher) -> (phi, constant)`` (the teacher-side term, and per image the part
+of the loss that does not involve the student) and ``fused(prepared_student, phi_bar, constant_bar) -> (N,)``.
+The student reaches ``target`` only as a constant (MasKD's student masks), never with a gradient.
 Because sum_k g_k L(s, a_k) = fused(s, sum_k g_k phi(a_k), sum_k g_k c(phi(a_k))) whenever the
 weights g_k sum to one, any number of Avatars costs one student-side evaluation and one running
 teacher-side accumulator: peak memory does not grow with the number of Avatars.
@@ -45,10 +46,10 @@ class BaseLoss(nn.Module):
     def per_image(self, prepared: torch.Tensor, teacher: torch.Tensor, **context) -> torch.Tensor:
         if not self.fusable:
             raise NotImplementedError
-        return self.fused(prepared, *self.target(teacher, **context), **context)
+        return self.fused(prepared, *self.target(prepared, teacher, **context), **context)
 
     # fusable losses only
-    def target(self, teacher: torch.Tensor, **context) -> Tuple[torch.Tensor, torch.Tensor]:
+    def target(self, prepared: torch.Tensor, teacher: torch.Tensor, **context) -> Tuple[torch.Tensor, torch.Tensor]:
         """(phi, constant): the teacher-side term and the student-free part of the loss (N, float64)."""
         raise NotImplementedError
 
@@ -85,7 +86,7 @@ class CWDLoss(BaseLoss):
     def prepare_student(self, student, **context):
         return F.log_softmax(self._scaled(student), dim=2)
 
-    def target(self, teacher, **context):
+    def target(self, prepared, teacher, **context):
         logits = self._scaled(teacher)
         phi = F.softmax(logits, dim=2)
         # sum p log p without a log over the map: log p = a - lse, and lse = a - log p at the mode
@@ -116,7 +117,7 @@ class MSELoss(BaseLoss):
     def transform_teacher(self, teacher: torch.Tensor) -> torch.Tensor:
         return teacher
 
-    def target(self, teacher, **context):
+    def target(self, prepared, teacher, **context):
         phi = self.transform_teacher(teacher)
         flat = phi.flatten(1)
         return phi, _rowwise_dot(flat, flat).double()
@@ -193,10 +194,16 @@ class MasKDLoss(BaseLoss):
 
     The tokens are learnt beforehand on the teacher (``akd train --learn-tokens``) and stay fixed
     here: pass ``token_file`` (akd's or MasKD's released files) and ``level``. Without a file, seeded
-    random tokens stand in, and the loss is then not MasKD's. Not fusable: the masks depend
-    non-linearly on each Avatar, so Avatars are looped and peak memory grows with their number.
+    random tokens stand in, and the loss is then not MasKD's.
+
+    Fusable, although the masks depend non-linearly on each Avatar: the loss is
+    sum_hw b(hw) |S(hw) - T(hw)|^2 (over channels) with one weight per position,
+    b = sum_t w_t m_t^2 / (c sum_hw m_t), computed from the teacher side alone. So the Avatars
+    combine into B = sum_k g_k b_k and the weighted mean Avatar sum_k g_k b_k A_k / B at each position,
+    plus their spread, as for MSE: one student-side evaluation for any number of Avatars.
     """
 
+    fusable = True
     needs_channels = True
     needs_level = True
 
@@ -219,24 +226,52 @@ class MasKDLoss(BaseLoss):
         self.tokens.requires_grad_(False)
         self.align = nn.Conv2d(channels, channels, 1) if align else None
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self._with_student_masks = False
 
     def prepare_student(self, student, **context):
         self.calls += 1
+        # Read once per call, not once per Avatar: each read of the counter waits for the GPU.
+        self._with_student_masks = (self.student_masks_after is not None
+                                    and int(self.calls) > self.student_masks_after)
         return self.align(student) if self.align is not None else student
 
-    def per_image(self, prepared, teacher, **context):
-        n, c = teacher.shape[:2]
+    def _masks_and_weights(self, prepared, teacher):
         # float32 whatever autocast made of the token products: c * sum_hw m_t alone exceeds 65504
         masks = self.tokens.masks(teacher.float()).float()                             # N x T x H x W
-        if self.student_masks_after is not None and int(self.calls) > self.student_masks_after:
+        if self._with_student_masks:
             with torch.no_grad():
-                masks = masks * self.tokens.masks(prepared.detach().float())
-        error = (prepared - teacher).float().pow(2)                                    # N x C x H x W
-        with float32_reductions(error):
-            masked_error = torch.einsum("nthw,nchw->nt", masks.pow(2), error)          # summed over C
-        per_token = masked_error / (c * masks.sum(dim=(2, 3)))
-        weights = self.tokens.weights(teacher.float()).float()                         # N x T
-        return (per_token * weights).sum(dim=1) * (self.loss_weight / n)
+                masks = masks * self.tokens.masks(prepared.detach().float()).float()
+        return masks, self.tokens.weights(teacher.float()).float()                     # N x T
+
+    def _position_weights(self, prepared, teacher):
+        """b = sum_t w_t m_t^2 / (c sum_hw m_t), N x 1 x H x W: the loss is sum_hw b |S - T|^2."""
+        masks, weights = self._masks_and_weights(prepared, teacher)
+        per_token = weights / (teacher.shape[1] * masks.sum(dim=(2, 3)))                # N x T
+        with float32_reductions(masks):
+            return torch.einsum("nt,nthw->nhw", per_token, masks.pow(2)).unsqueeze(1)
+
+    def per_image(self, prepared, teacher, **context):
+        squared = (prepared - teacher).float().pow(2).sum(dim=1, keepdim=True)          # over channels first:
+        position = self._position_weights(prepared, teacher)                           # no second N x C x H x W
+        return (position * squared).flatten(1).sum(dim=1) * (self.loss_weight / teacher.shape[0])
+
+    def target(self, prepared, teacher, **context):
+        position = self._position_weights(prepared, teacher)
+        n, c, h, w = teacher.shape
+        # One tensor for the accumulator: b * A in the first C channels, b in the last, written in
+        # place (no concatenated copy). float32 always: b is ~1e-7 on real maps, under float16's range.
+        phi = torch.empty((n, c + 1, h, w), dtype=torch.float32, device=teacher.device)
+        weighted = phi[:, :c].copy_(teacher).mul_(position)
+        phi[:, c:] = position
+        return phi, _rowwise_dot(weighted.flatten(1), teacher.flatten(1)).double()
+
+    def fused(self, prepared, phi, constant, **context):
+        n, c = prepared.shape[:2]
+        weighted, position = phi[:, :c], phi[:, c:]
+        mean_avatar = weighted / position.clamp_min(torch.finfo(position.dtype).tiny)
+        squared = (position * (prepared.float() - mean_avatar).pow(2).sum(dim=1, keepdim=True)).flatten(1).sum(dim=1)
+        spread = (constant - _rowwise_dot(weighted.flatten(1), mean_avatar.flatten(1)).double()).clamp_min(0.0)
+        return (squared + spread.to(squared.dtype)) * (self.loss_weight / n)
 
 
 class FGDLoss(BaseLoss):
