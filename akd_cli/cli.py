@@ -34,6 +34,19 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr)
 
 
+def _print_table(console, table) -> None:
+    # Piped or logged there is no screen to fit: rich's default of 80 columns would cut cells to
+    # "Fa…", which no grep finds. Whole rows then; a terminal (or an explicit COLUMNS) keeps its width.
+    if console.is_terminal or "COLUMNS" in os.environ:
+        console.print(table)
+        return
+    width, console.width = console.width, 1000
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"akd {__version__}")
@@ -132,7 +145,7 @@ def presets_command(
         shown += 1
     if not shown:
         raise UserError(f"no preset matches {filter_!r}" if filter_ else "no presets found")
-    _console().print(table)
+    _print_table(_console(), table)
 
 
 _METHODS = ("cwd", "mgd", "maskd", "fgd", "pkd", "mse", "none")
@@ -321,7 +334,7 @@ def eval_command(
     # pycocotools reports -1 for a size range without ground truth
     table.add_row(*("-" if record["metrics"][n] < 0 else f"{100 * record['metrics'][n]:.1f}" for n in METRIC_NAMES))
     console = _console()
-    console.print(table)
+    _print_table(console, table)
     console.print(f"wrote {record['metrics_file']}" + (f" and {dump}" if dump else ""))
 
 
@@ -374,7 +387,7 @@ def _print_rich_tables(rows) -> None:
             table.add_column(column, justify="left" if column in ("Student", "Teacher", "Base loss") else "right")
         for row in section:
             table.add_row(*results.row_cells(row))
-        console.print(table)
+        _print_table(console, table)
 
 
 @app.command("visualize")

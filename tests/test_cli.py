@@ -1,5 +1,6 @@
 """The command line: instant help, version, one-line errors, and `akd data synth`."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,10 @@ from akd_cli import __version__
 
 
 def akd(*args, check=False):
-    result = subprocess.run([sys.executable, "-m", "akd_cli.cli", *args], capture_output=True, text=True)
+    # env given explicitly: readline, which pytest loads, exports COLUMNS=80 behind os.environ's back,
+    # and children would inherit it as if a user had set it
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    result = subprocess.run([sys.executable, "-m", "akd_cli.cli", *args], capture_output=True, text=True, env=env)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -26,6 +30,18 @@ def test_help_lists_the_commands_without_importing_torch_or_mmdet():
 
 def test_version():
     assert akd("--version", check=True).stdout.strip() == f"akd {__version__}"
+
+
+def test_presets_lists_filters_and_prints_whole_cells_when_piped():
+    listed = akd("presets", check=True).stdout
+    assert "cascade-mask-rcnn-x101-faster-rcnn-r50" in listed and "Cascade Mask RCNN-X101" in listed
+    assert "\u2026" not in listed, "cells were cut to fit 80 columns"
+    tiny = akd("presets", "--tiny", check=True).stdout
+    assert "tiny-fcos-r34-r18" in tiny and "reppoints" not in tiny
+    full = akd("presets", "rcnn", "--full", check=True).stdout
+    assert "faster-rcnn-r101-r50" in full and "fcos" not in full and "tiny" not in full
+    missing = akd("presets", "yolo")
+    assert missing.returncode == 2 and "no preset matches 'yolo'" in missing.stderr
 
 
 def test_data_synth_writes_a_dataset_then_finds_it_there(tmp_path):
