@@ -157,6 +157,28 @@ def test_maskd_avatars_fused_through_position_weights_equal_the_loop(student_mas
         assert torch.allclose(g_fused, g_loop, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 5, 1, 1), (2, 5, 1, 6), (2, 5, 6, 1), (2, 5, 2, 2)])
+def test_token_weights_take_the_pooled_convolution_exactly_without_running_it(shape):
+    """ReceptiveTokens.weights computes head(pool(conv3x3(x))) from nine window sums of x: the same
+    values and gradients (input and the head's parameters) as running MasKD's layers, edges included."""
+    from akd_cli.core.tokens import ReceptiveTokens
+
+    torch.manual_seed(0)
+    tokens = ReceptiveTokens(shape[1], num_tokens=4)
+    with torch.no_grad():
+        for conv in (tokens.prob[0], tokens.prob[2]):
+            conv.bias.normal_()
+    x = (torch.randn(shape) * 3 + 1).requires_grad_(True)
+    inputs = [x] + list(tokens.prob.parameters())
+    got = tokens.weights(x)
+    expected = torch.softmax(tokens.prob(x).flatten(1), dim=1)  # the layers as MasKD runs them
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+    probe = torch.randn(got.shape)
+    for g_got, g_expected in zip(torch.autograd.grad((got * probe).sum(), inputs),
+                                 torch.autograd.grad((expected * probe).sum(), inputs)):
+        assert torch.allclose(g_got, g_expected, rtol=1e-4, atol=1e-6)
+
+
 def test_token_files_round_trip_per_level_and_in_the_released_layout(tmp_path):
     from akd_cli.core.tokens import ReceptiveTokens, token_file_state
 
