@@ -22,7 +22,8 @@ class AKDLoss(nn.Module):
     For each level, ``num_avatars`` Avatars are drawn from the (detached) teacher feature, each
     weighted per image by the uncertainty factor (see ``akd_cli.core.uncertainty``), and the base
     loss is taken between the student and the weighted Avatars. ``num_avatars=0`` is the plain base
-    loss between student and teacher: classic KD and AKD run the same code.
+    loss between student and teacher: classic KD and AKD run the same code. ``num_avatars=1`` is the
+    base loss on one Avatar, whose factor is 1 in every mode (the paper's setting).
 
     Args:
         base: one of ``cwd``, ``mgd``, ``maskd``, ``fgd``, ``pkd``, ``mse``.
