@@ -251,8 +251,9 @@ class MasKDLoss(BaseLoss):
             return torch.einsum("nt,nthw->nhw", per_token, masks.pow(2)).unsqueeze(1)
 
     def per_image(self, prepared, teacher, **context):
-        squared = (prepared - teacher).float().pow(2).sum(dim=1, keepdim=True)          # over channels first:
-        position = self._position_weights(prepared, teacher)                           # no second N x C x H x W
+        # summed over channels before the weights meet it: no second N x C x H x W temporary
+        squared = (prepared - teacher).float().pow(2).sum(dim=1, keepdim=True)
+        position = self._position_weights(prepared, teacher)
         return (position * squared).flatten(1).sum(dim=1) * (self.loss_weight / teacher.shape[0])
 
     def target(self, prepared, teacher, **context):
