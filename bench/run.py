@@ -24,6 +24,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(REPO))  # akd_cli from this checkout, also without the editable install
 PY = sys.executable
 AKD = [PY, "-m", "akd_cli.cli"]
 
@@ -78,7 +79,6 @@ def bench_core(device: str) -> str:
     # A GPU step takes milliseconds: more repeats for a stable median at no real cost.
     cmd = [PY, str(BENCH / "core_losses.py"), "--device", device, "--repeats", "20" if device == "cuda" else "5"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
-    sys.path.insert(0, str(REPO))
     from akd_cli.core.losses import BASE_LOSSES
 
     fused = [name for name, cls in BASE_LOSSES.items() if cls.fusable]

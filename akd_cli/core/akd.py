@@ -90,20 +90,15 @@ class AKDLoss(nn.Module):
         if self.num_avatars == 1:
             # A lone Avatar's factor normalises to one in every mode: its loss is the base loss on
             # it, with no uncertainty pass and no accumulator (the paper's setting, at its least cost).
-            avatar = make_avatar(teacher, self.perturbation, self.drop_rate)
-            if self.uncertainty == "bn":
-                avatar = standardise(avatar)
-            return base.per_image(prepared, avatar, **context).sum()
+            return base.per_image(prepared, self._draw_avatar(teacher), **context).sum()
         fuse = self.fused and base.fusable
         # Weights and accumulators stay in float32 whatever the features' dtype: the unnormalised
         # weights exceed float16's range (1 / u is ~1e5 on real FPN maps), which under AMP made NaNs.
         total_weight = weighted = weighted_constant = phi_dtype = phi = term = None
         weigher = AvatarWeigher(teacher, self.uncertainty)
         for _ in range(self.num_avatars):
-            avatar = make_avatar(teacher, self.perturbation, self.drop_rate)
+            avatar = self._draw_avatar(teacher)
             weight = weigher(avatar)                                               # N, float32
-            if self.uncertainty == "bn":
-                avatar = standardise(avatar)
             if fuse:
                 phi, constant = base.target(prepared, avatar, **context)
                 phi_dtype = phi.dtype
@@ -125,6 +120,12 @@ class AKDLoss(nn.Module):
             phi_bar = weighted.div_(total_weight.view(-1, *([1] * (weighted.dim() - 1)))).to(phi_dtype)
             return base.fused(prepared, phi_bar, weighted_constant / total_weight.double(), **context).sum()
         return (weighted / total_weight).sum()
+
+    def _draw_avatar(self, teacher: torch.Tensor) -> torch.Tensor:
+        """A fresh Avatar as the base loss sees it: standardised in ``bn`` mode (whose factor is 1
+        whatever the Avatar, so the weigher may see it standardised too)."""
+        avatar = make_avatar(teacher, self.perturbation, self.drop_rate)
+        return standardise(avatar) if self.uncertainty == "bn" else avatar
 
     def _validate(self, student: Features, teacher: Features):
         students = [student] if torch.is_tensor(student) else list(student)

@@ -250,11 +250,16 @@ class MasKDLoss(BaseLoss):
         with float32_reductions(masks):
             return torch.einsum("nt,nthw->nhw", per_token, masks.pow(2)).unsqueeze(1)
 
+    @staticmethod
+    def _weighted_squared_error(position, student, reference):
+        """sum_hw b |S - R|^2 per image; summed over channels before the weights meet it, so there
+        is no second N x C x H x W temporary."""
+        squared = (student - reference).float().pow(2).sum(dim=1, keepdim=True)
+        return (position * squared).flatten(1).sum(dim=1)
+
     def per_image(self, prepared, teacher, **context):
-        # summed over channels before the weights meet it: no second N x C x H x W temporary
-        squared = (prepared - teacher).float().pow(2).sum(dim=1, keepdim=True)
         position = self._position_weights(prepared, teacher)
-        return (position * squared).flatten(1).sum(dim=1) * (self.loss_weight / teacher.shape[0])
+        return self._weighted_squared_error(position, prepared, teacher) * (self.loss_weight / teacher.shape[0])
 
     def target(self, prepared, teacher, **context):
         position = self._position_weights(prepared, teacher)
@@ -270,7 +275,7 @@ class MasKDLoss(BaseLoss):
         n, c = prepared.shape[:2]
         weighted, position = phi[:, :c], phi[:, c:]
         mean_avatar = weighted / position.clamp_min(torch.finfo(position.dtype).tiny)
-        squared = (position * (prepared.float() - mean_avatar).pow(2).sum(dim=1, keepdim=True)).flatten(1).sum(dim=1)
+        squared = self._weighted_squared_error(position, prepared, mean_avatar)
         spread = (constant - _rowwise_dot(weighted.flatten(1), mean_avatar.flatten(1)).double()).clamp_min(0.0)
         return (squared + spread.to(squared.dtype)) * (self.loss_weight / n)
 
