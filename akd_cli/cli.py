@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from akd_cli import __version__
+from akd_cli import __version__, names
 from akd_cli.errors import UserError
 
 app = typer.Typer(
@@ -79,7 +79,7 @@ def _call(fn, *args, **kwargs):
 def _trust_checkpoints(trust: bool) -> None:
     """--trust-checkpoint: the user's explicit choice to let checkpoints run pickled code when loaded."""
     if trust:
-        from akd_cli.mm.compat import TRUST_ENV
+        from akd_cli.mm.checkpoints import TRUST_ENV
 
         os.environ[TRUST_ENV] = "1"
 
@@ -148,56 +148,61 @@ def presets_command(
     _print_table(_console(), table)
 
 
-_METHODS = ("cwd", "mgd", "maskd", "fgd", "pkd", "mse", "none")
-_UNCERTAINTIES = ("variance", "bn", "none")
+def _choices(name: str, values) -> type:
+    """A typer choice type over one of akd_cli.names' lists (help shows [a|b|c]; typos are refused)."""
+    import enum
+
+    return enum.Enum(name, {v: v for v in values}, type=str)
 
 
-def _choice(value: Optional[str], choices, option: str) -> Optional[str]:
-    if value is not None and value not in choices:
-        raise UserError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+Method = _choices("Method", names.METHODS)
+Uncertainty = _choices("Uncertainty", names.UNCERTAINTY_MODES)
+Perturbation = _choices("Perturbation", names.PERTURBATIONS)
+Device = _choices("Device", names.DEVICES)
+Launcher = _choices("Launcher", names.LAUNCHERS)
+EvalRole = _choices("EvalRole", names.EVAL_ROLES)
+TableFormat = _choices("TableFormat", names.TABLE_FORMATS)
 
 
-def _train_request(preset, config, data_root, work_dir, teacher_checkpoint, method, avatars, drop_rate,
-                   uncertainty, epochs, batch_size, cfg_options, **extra):
-    from akd_cli.mm.config import parse_cfg_options
-    from akd_cli.mm.runs import TrainRequest
+def _value(choice):
+    return None if choice is None else choice.value
 
-    return TrainRequest(preset=preset, config=str(config) if config else None,
-                        data_root=str(data_root) if data_root else None,
-                        work_dir=str(work_dir) if work_dir else None,
-                        teacher_checkpoint=teacher_checkpoint, method=_choice(method, _METHODS, "--method"),
-                        avatars=avatars, drop_rate=drop_rate,
-                        uncertainty=_choice(uncertainty, _UNCERTAINTIES, "--uncertainty"), epochs=epochs,
-                        batch_size=batch_size, cfg_options=parse_cfg_options(cfg_options or []), **extra)
+
+def _path(value: Optional[Path]) -> Optional[str]:
+    return None if value is None else str(value)
 
 
 _PRESET = typer.Option(None, "--preset", "-p", help="Preset name (see 'akd presets') or a preset YAML file.")
 _DATA_ROOT = typer.Option(None, "--data-root", help="Dataset root (COCO layout), replacing the preset's.")
 _TEACHER_CKPT = typer.Option(None, "--teacher-checkpoint", help="Teacher weights: a path or URL (default: the preset's).")
-_METHOD = typer.Option(None, "--method", help="Base loss: cwd, mgd, maskd, fgd, pkd, mse, or none (student baseline).")
-_AVATARS = typer.Option(None, "--avatars", min=0, max=64, help="Avatars per level (0: the plain base loss).")
+_METHOD = typer.Option(None, "--method", help="Base loss, or none (the student baseline).")
+_AVATARS = typer.Option(None, "--num-avatars", "--avatars", min=0, max=64, help="Avatars per level (0: the plain base loss).")
 _DROP = typer.Option(None, "--drop-rate", min=0.0, max=0.99, help="Avatar perturbation strength in [0, 1).")
-_UNC = typer.Option(None, "--uncertainty", help="Uncertainty factor: variance, bn or none.")
+_UNC = typer.Option(None, "--uncertainty", help="Uncertainty factor of the Avatars.")
+_PERTURB = typer.Option(None, "--perturbation", help="How an Avatar is drawn from the teacher feature.")
 _EPOCHS = typer.Option(None, "--epochs", min=1, max=1000, help="Training epochs (default: the preset's schedule).")
 _BATCH = typer.Option(None, "--batch-size", min=1, max=1024, help="Images per GPU (per worker).")
 _CFG_OPTS = typer.Option(None, "--cfg-options", help="Override config keys: key=value (repeatable).")
 _TRAIN_TEACHER = typer.Option(False, "--train-teacher", help="Train the preset's teacher model alone.")
 _LEARN_TOKENS = typer.Option(False, "--learn-tokens",
                              help="MasKD's first stage: learn receptive tokens on the teacher (writes tokens.pth).")
-_TOKENS = typer.Option(None, "--tokens", help="MasKD token file (from --learn-tokens, or MasKD's released files).")
+_TOKENS = typer.Option(None, "--token-file", "--tokens",
+                       help="MasKD token file (from --learn-tokens, or MasKD's released files).")
 _ITERS = typer.Option(None, "--iters", min=1, max=10_000_000, help="Token-learning iterations (default 2000).")
+_DEVICE = typer.Option(Device.auto.value, "--device", help="Where the workers run (cpu: gloo).")
+_TRUST = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load.")
 
 
-def _role(train_teacher: bool, learn_tokens: bool, tokens: Optional[str], iters: Optional[int],
-          epochs: Optional[int]) -> str:
+def _kind(train_teacher: bool, learn_tokens: bool) -> str:
     if train_teacher and learn_tokens:
         raise UserError("--train-teacher and --learn-tokens are different runs: pass one of them")
-    if learn_tokens and (tokens or epochs):
-        raise UserError("--learn-tokens makes tokens (--iters sets its length); --tokens and --epochs are for training")
-    if iters and not learn_tokens:
-        raise UserError("--iters sets the length of --learn-tokens; training runs use --epochs")
     return "teacher" if train_teacher else ("tokens" if learn_tokens else "student")
+
+
+def _cfg_options(items: Optional[List[str]]) -> dict:
+    from akd_cli.mm.config import parse_cfg_options
+
+    return parse_cfg_options(items or [])
 
 
 @app.command("config")
@@ -205,22 +210,27 @@ def config_command(
     preset: Optional[str] = _PRESET,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing."),
     data_root: Optional[Path] = _DATA_ROOT, teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
-    method: Optional[str] = _METHOD, avatars: Optional[int] = _AVATARS, drop_rate: Optional[float] = _DROP,
-    uncertainty: Optional[str] = _UNC, epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH,
+    method: Optional[Method] = _METHOD, num_avatars: Optional[int] = _AVATARS, drop_rate: Optional[float] = _DROP,
+    uncertainty: Optional[Uncertainty] = _UNC, perturbation: Optional[Perturbation] = _PERTURB,
+    epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH,
     cfg_options: Optional[List[str]] = _CFG_OPTS,
-    train_teacher: bool = _TRAIN_TEACHER, learn_tokens: bool = _LEARN_TOKENS, tokens: Optional[str] = _TOKENS,
+    train_teacher: bool = _TRAIN_TEACHER, learn_tokens: bool = _LEARN_TOKENS, token_file: Optional[str] = _TOKENS,
     iters: Optional[int] = _ITERS,
 ) -> None:
     """Print (or write) the complete mmdet config a preset runs, without training."""
-    from akd_cli.mm.config import dump_config
-    from akd_cli.mm.runs import prepare_config
+    from akd_cli.options import TrainOptions
 
     if preset is None:
         raise UserError("--preset is required (see 'akd presets')")
-    role = _role(train_teacher, learn_tokens, tokens, iters, epochs)
-    request = _train_request(preset, None, data_root, None, teacher_checkpoint, method, avatars, drop_rate,
-                             uncertainty, epochs, batch_size, cfg_options, role=role, tokens=tokens, iters=iters)
-    cfg, _ = prepare_config(request)
+    options = TrainOptions(
+        preset=preset, data_root=_path(data_root), teacher_checkpoint=teacher_checkpoint, method=_value(method),
+        num_avatars=num_avatars, drop_rate=drop_rate, uncertainty=_value(uncertainty),
+        perturbation=_value(perturbation), epochs=epochs, batch_size=batch_size, cfg_options=_cfg_options(cfg_options),
+        kind=_kind(train_teacher, learn_tokens), token_file=token_file, iters=iters)
+    from akd_cli.mm.config import dump_config
+    from akd_cli.mm.runs import prepare
+
+    cfg = _call(prepare, options).config
     if out:
         dump_config(cfg, out)
         _console().print(f"wrote {out}")
@@ -236,50 +246,49 @@ def train_command(
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", "-w", help="Where checkpoints and logs go."),
     teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
     gpus: int = typer.Option(1, "--gpus", "--nproc-per-node", min=1, max=1024, help="Workers on this machine (one per GPU)."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu (cpu: workers use gloo)."),
+    device: Device = _DEVICE,
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines taking part."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's index among --nnodes."),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of the node with rank 0."),
     master_port: Optional[int] = typer.Option(None, "--master-port", min=1024, max=65535,
                                               help="Its port (default: free port on one node, 29500 on several)."),
-    launcher: str = typer.Option("pytorch", "--launcher", help="pytorch (akd starts the workers) or slurm (srun)."),
+    launcher: Launcher = typer.Option(Launcher.pytorch.value, "--launcher",
+                                      help="pytorch (akd starts the workers) or slurm (srun starts them)."),
     partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition, with --launcher slurm."),
-    batch_size: Optional[int] = _BATCH, epochs: Optional[int] = _EPOCHS, avatars: Optional[int] = _AVATARS,
-    drop_rate: Optional[float] = _DROP, uncertainty: Optional[str] = _UNC, method: Optional[str] = _METHOD,
+    batch_size: Optional[int] = _BATCH, epochs: Optional[int] = _EPOCHS, num_avatars: Optional[int] = _AVATARS,
+    drop_rate: Optional[float] = _DROP, uncertainty: Optional[Uncertainty] = _UNC,
+    perturbation: Optional[Perturbation] = _PERTURB, method: Optional[Method] = _METHOD,
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed (the same on every worker)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic cuDNN kernels."),
     amp: bool = typer.Option(False, "--amp", help="Mixed precision (CUDA only)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the work dir's latest checkpoint."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Evaluate on the val split at the end."),
-    train_teacher: bool = _TRAIN_TEACHER, learn_tokens: bool = _LEARN_TOKENS, tokens: Optional[str] = _TOKENS,
+    train_teacher: bool = _TRAIN_TEACHER, learn_tokens: bool = _LEARN_TOKENS, token_file: Optional[str] = _TOKENS,
     iters: Optional[int] = _ITERS,
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
+    trust_checkpoint: bool = _TRUST,
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Show mmdet's whole log on the console (always in the work dir's log file)."),
     cfg_options: Optional[List[str]] = _CFG_OPTS,
 ) -> None:
     """Train a student with AKD (or a baseline, a tiny teacher, MasKD's tokens), on one or many workers."""
-    from akd_cli.mm.launch import LaunchPlan
+    from akd_cli.options import LaunchPlan, TrainOptions
 
-    if launcher not in ("pytorch", "slurm"):
-        raise UserError(f"--launcher must be pytorch or slurm, got {launcher!r}")
-    if device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
-    _trust_checkpoints(trust_checkpoint)
     plan = LaunchPlan(nproc_per_node=gpus, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                      master_port=master_port, device=device)
-    request = _train_request(preset, config, data_root, work_dir, teacher_checkpoint, method, avatars, drop_rate,
-                             uncertainty, epochs, batch_size, cfg_options, seed=seed, deterministic=deterministic,
-                             amp=amp, resume=resume, validate=validate, verbose=verbose, plan=plan, launcher=launcher,
-                             partition=partition, role=_role(train_teacher, learn_tokens, tokens, iters, epochs),
-                             tokens=tokens, iters=iters)
+                      master_port=master_port, device=device.value, launcher=launcher.value, partition=partition)
+    options = TrainOptions(
+        preset=preset, config=_path(config), data_root=_path(data_root), work_dir=_path(work_dir),
+        teacher_checkpoint=teacher_checkpoint, method=_value(method), num_avatars=num_avatars, drop_rate=drop_rate,
+        uncertainty=_value(uncertainty), perturbation=_value(perturbation), epochs=epochs, batch_size=batch_size,
+        cfg_options=_cfg_options(cfg_options), kind=_kind(train_teacher, learn_tokens), token_file=token_file,
+        iters=iters, seed=seed, deterministic=deterministic, amp=amp, resume=resume, validate=validate,
+        verbose=verbose, trust_checkpoint=trust_checkpoint, launch=plan)
     from akd_cli.mm.runs import launch_training
 
     console = _console()
-    student = _call(launch_training, request, on_config=lambda p: console.print(f"config: {p}"))
+    student = _call(launch_training, options, on_config=lambda p: console.print(f"config: {p}"))
     if student and learn_tokens:
         console.print(f"[green]done[/]: receptive tokens {student}; distil with them: "
-                      f"akd train --preset {preset or '...'} --tokens {student}")
+                      f"akd train --preset {preset or '...'} --token-file {student}")
     elif student:
         from akd_cli.mm.train import last_validation
 
@@ -298,34 +307,27 @@ def eval_command(
                                           help="A config instead of a preset (default: the config.py beside the checkpoint)."),
     data_root: Optional[Path] = _DATA_ROOT,
     gpus: int = typer.Option(1, "--gpus", "--nproc-per-node", min=1, max=1024, help="Workers (one per GPU)."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    device: Device = _DEVICE,
     batch_size: int = typer.Option(1, "--batch-size", min=1, max=256, help="Images per worker and step."),
     dump: Optional[Path] = typer.Option(None, "--dump", help="Also write the detections here (COCO results format)."),
-    role: Optional[str] = typer.Option(None, "--role",
-                                       help="Label for the table: teacher, baseline, kd or akd (default: from the work dir)."),
+    role: Optional[EvalRole] = typer.Option(None, "--role", help="Label for the table (default: from the work dir)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json goes (default: beside the checkpoint)."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
+    trust_checkpoint: bool = _TRUST,
     cfg_options: Optional[List[str]] = _CFG_OPTS,
 ) -> None:
     """COCO bbox mAP of a checkpoint (AP, AP50, AP75, AP small/medium/large), written to metrics.json."""
-    from akd_cli.mm.config import parse_cfg_options
-    from akd_cli.mm.evaluate import METRIC_NAMES, EvalRequest, launch_eval
-    from akd_cli.mm.launch import LaunchPlan, resolve_device
+    from akd_cli.options import EvalOptions, LaunchPlan
 
-    _choice(role, ("teacher", "baseline", "kd", "akd"), "--role")
-    if device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
     if not checkpoint.is_file():
         raise UserError(f"checkpoint not found: {checkpoint}")
-    _trust_checkpoints(trust_checkpoint)
-    plan = LaunchPlan(nproc_per_node=gpus, device=device)
-    resolved = resolve_device(plan)
-    request = EvalRequest(checkpoint=str(checkpoint), preset=preset, config=str(config) if config else None,
-                          data_root=str(data_root) if data_root else None, role=role,
-                          dump=str(dump) if dump else None, batch_size=batch_size,
-                          cfg_options=parse_cfg_options(cfg_options or []),
-                          metrics_file=str(out) if out else None)
-    record = _call(launch_eval, request, plan, resolved)
+    options = EvalOptions(checkpoint=str(checkpoint), preset=preset, config=_path(config), data_root=_path(data_root),
+                          role=_value(role), dump=_path(dump), batch_size=batch_size,
+                          cfg_options=_cfg_options(cfg_options), metrics_file=_path(out),
+                          trust_checkpoint=trust_checkpoint,
+                          launch=LaunchPlan(nproc_per_node=gpus, device=device.value))
+    from akd_cli.mm.evaluate import METRIC_NAMES, launch_eval
+
+    record = _call(launch_eval, options)
     from rich.table import Table
 
     table = Table(title=f"{record['role']}: {checkpoint}", title_justify="left")
@@ -343,12 +345,11 @@ def table_command(
     workdirs: Optional[List[Path]] = typer.Argument(None, help="Work dirs (searched for metrics.json) or metrics files."),
     readme: Optional[Path] = typer.Option(None, "--readme", help="Write the tables between the akd-table markers of this file."),
     check: bool = typer.Option(False, "--check", help="Exit 1 if --readme's tables are stale; write nothing."),
-    format_: str = typer.Option("markdown", "--format", "-f", help="Printed form: markdown, csv or json."),
+    format_: TableFormat = typer.Option(TableFormat.markdown.value, "--format", "-f", help="Printed form."),
 ) -> None:
     """The paper's result tables with our mAPs beside them, from metrics.json files."""
     from akd_cli import results
 
-    _choice(format_, ("markdown", "csv", "json"), "--format")
     if check and readme is None:
         raise UserError("--check needs --readme")
     records, problems = results.collect(workdirs or [])
@@ -366,10 +367,10 @@ def table_command(
             _console().print(f"{readme} is up to date")
             return
         _console().print(f"{'updated' if changed else 'unchanged'}: {readme}")
-    if format_ == "markdown":
+    if format_.value == "markdown":
         _print_rich_tables(rows)
     else:
-        typer.echo((results.render_csv if format_ == "csv" else results.render_json)(rows), nl=False)
+        typer.echo((results.render_csv if format_.value == "csv" else results.render_json)(rows), nl=False)
 
 
 def _print_rich_tables(rows) -> None:
@@ -397,7 +398,8 @@ def visualize_command(
     image: Path = typer.Option(..., "--image", help="The image to look at."),
     out: Path = typer.Option(Path("vis"), "--out", "-o", help="Directory for the PNGs."),
     teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
-    avatars: Optional[int] = typer.Option(None, "--avatars", min=0, max=16, help="Avatars to draw (default: the preset's)."),
+    num_avatars: Optional[int] = typer.Option(None, "--num-avatars", "--avatars", min=0, max=16,
+                                              help="Avatars to draw (default: the preset's)."),
     levels: Optional[str] = typer.Option(None, "--levels", help="Comma-separated levels to draw (default: all)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the Avatars' perturbations."),
     detections: bool = typer.Option(True, "--detections/--no-detections", help="Also draw teacher and student detections."),
@@ -413,7 +415,7 @@ def visualize_command(
         raise UserError(f"--levels takes comma-separated integers, got {levels!r}") from None
     _trust_checkpoints(trust_checkpoint)
     request = VisualizeRequest(preset=preset, checkpoint=str(checkpoint), image=str(image), out=str(out),
-                               teacher_checkpoint=teacher_checkpoint, avatars=avatars, levels=level_list, seed=seed,
+                               teacher_checkpoint=teacher_checkpoint, num_avatars=num_avatars, levels=level_list, seed=seed,
                                detections=detections, score_thr=score_thr)
     written = _call(visualize, request)
     _console().print(f"wrote {len(written)} image(s) to {out}")
@@ -427,17 +429,15 @@ def demo_command(
     teacher_epochs: int = typer.Option(12, min=1, max=500, help="Epochs of the tiny teacher."),
     student_epochs: int = typer.Option(10, min=1, max=500, help="Epochs of each tiny student."),
     seed: int = typer.Option(0, "--seed", min=0, help="One seed for data and all runs."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    device: Device = _DEVICE,
     force: bool = typer.Option(False, "--force", help="Replace the runs of an earlier demo in --out."),
 ) -> None:
     """The embedded demo: synthetic data, a tiny teacher, and one student trained three ways."""
     from akd_cli.mm.demo import DemoSpec, run_demo, summary_lines, write_table
 
-    if device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
     console = _console()
     spec = DemoSpec(out=str(out), train_images=train_images, val_images=val_images, teacher_epochs=teacher_epochs,
-                    student_epochs=student_epochs, seed=seed, device=device)
+                    student_epochs=student_epochs, seed=seed, device=device.value)
     records = _call(run_demo, spec, force=force, say=lambda line: console.rule(line, align="left"))
     table, rows = write_table(out)
     _print_rich_tables(rows)

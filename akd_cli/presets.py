@@ -14,12 +14,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from akd_cli.errors import UserError
+from akd_cli.names import BASE_LOSSES, PAPER_TABLES, PERTURBATIONS, UNCERTAINTY_MODES
 
 PRESET_DIR = Path(os.environ.get("AKD_PRESET_DIR", Path(__file__).resolve().parent.parent / "presets"))
-METHODS = ("cwd", "mgd", "maskd", "fgd", "pkd", "mse")
-UNCERTAINTIES = ("variance", "bn", "none")
-PERTURBATIONS = ("dropout", "channel", "noise")
-TABLES = ("baseline", "stronger")
 
 
 class PresetError(UserError):
@@ -163,8 +160,8 @@ def load_preset_file(path: Path) -> Preset:
         _fail(path, "name", f"must equal the file name {path.stem!r}, got {name!r}")
     distill = _get(raw, "distill", dict, path, "")
     method = _get(distill, "method", str, path, "distill")
-    if method not in METHODS:
-        _fail(path, "distill.method", f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    if method not in BASE_LOSSES:
+        _fail(path, "distill.method", f"unknown method {method!r} (one of {', '.join(BASE_LOSSES)})")
     avatars = _get(raw, "avatars", dict, path, "", required=False, default={})
     num = _get(avatars, "num", int, path, "avatars", required=False, default=1)
     drop_rate = _get(avatars, "drop_rate", float, path, "avatars", required=False, default=0.1)
@@ -174,8 +171,8 @@ def load_preset_file(path: Path) -> Preset:
         _fail(path, "avatars.num", f"must be >= 0, got {num}")
     if not 0 <= drop_rate < 1:
         _fail(path, "avatars.drop_rate", f"must be in [0, 1), got {drop_rate}")
-    if uncertainty not in UNCERTAINTIES:
-        _fail(path, "avatars.uncertainty", f"unknown mode {uncertainty!r} (one of {', '.join(UNCERTAINTIES)})")
+    if uncertainty not in UNCERTAINTY_MODES:
+        _fail(path, "avatars.uncertainty", f"unknown mode {uncertainty!r} (one of {', '.join(UNCERTAINTY_MODES)})")
     if perturbation not in PERTURBATIONS:
         _fail(path, "avatars.perturbation", f"unknown {perturbation!r} (one of {', '.join(PERTURBATIONS)})")
     schedule = _get(raw, "schedule", dict, path, "", required=False, default={})
@@ -183,8 +180,8 @@ def load_preset_file(path: Path) -> Preset:
     if epochs < 1:
         _fail(path, "schedule.epochs", f"must be >= 1, got {epochs}")
     table = _get(raw, "table", str, path, "", required=False)
-    if table is not None and table not in TABLES:
-        _fail(path, "table", f"must be one of {', '.join(TABLES)}, got {table!r}")
+    if table is not None and table not in PAPER_TABLES:
+        _fail(path, "table", f"must be one of {', '.join(PAPER_TABLES)}, got {table!r}")
     return Preset(
         name=name, description=_get(raw, "description", str, path, ""),
         student=_model(raw, "student", path), teacher=_model(raw, "teacher", path),

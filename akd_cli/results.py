@@ -13,10 +13,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from akd_cli import fileio
 from akd_cli.errors import UserError
+from akd_cli.names import EVAL_ROLES
 from akd_cli.presets import Preset, list_presets
 
 START, END = "<!-- akd-table:start -->", "<!-- akd-table:end -->"
-ROLES = ("baseline", "teacher", "kd", "akd")
+ROLES = EVAL_ROLES
 METHOD_NAMES = {"cwd": "CWD", "mgd": "MGD", "maskd": "MasKD", "fgd": "FGD", "pkd": "PKD", "mse": "MSE"}
 SECTIONS = (("baseline", "Baseline settings"), ("stronger", "Stronger teachers"), ("tiny", "Tiny presets (synthetic data)"))
 

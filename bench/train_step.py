@@ -38,12 +38,14 @@ def build_step(preset_name: str, method, avatars: int, width: int, height: int, 
 
     import akd_cli.mm.distiller  # noqa: F401
     from akd_cli.mm.config import build_config
+    from akd_cli.options import TrainOptions
     from akd_cli.presets import load_preset
     from mmdet.models import build_detector
 
     torch.manual_seed(0)
     preset = load_preset(preset_name)
-    cfg = build_config(preset, method=method, num_avatars=avatars, teacher_checkpoint="unused")
+    cfg = build_config(preset, TrainOptions(preset=preset_name, method=method, num_avatars=avatars,
+                                            teacher_checkpoint="unused"))
     if cfg.model.get("options"):
         # MasKD's released tokens are a download; random tokens of the same shape cost the same.
         cfg.model.options.pop("token_file", None)

@@ -11,14 +11,28 @@ TINY = "tiny-fcos-r34-r18"
 
 
 def run_akd(*args, cwd=None, timeout=600, env=None, check=True):
-    """`akd ARGS` in a subprocess; returns the CompletedProcess (stdout and stderr as text)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    """`akd ARGS` in a subprocess; returns the CompletedProcess (stdout and stderr as text).
+    The environment is passed explicitly: readline, which pytest loads, exports COLUMNS=80 behind
+    os.environ's back, and the child would take it for a user's setting."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
     result = subprocess.run([sys.executable, "-m", "akd_cli.cli", *map(str, args)], cwd=cwd, env=full_env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"akd {' '.join(map(str, args))} exited {result.returncode}:\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def refused(*args, cwd=None):
+    """`akd ARGS` must fail as bad input does: exit 2, no traceback, one `error:` line last. Returns
+    stderr with its whitespace collapsed (rich may wrap the line)."""
+    result = run_akd(*args, cwd=cwd, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines and (lines[-1].startswith("error:") or "error:" in result.stderr), result.stderr
+    return " ".join(result.stderr.split())
 
 
 @pytest.fixture(scope="session")
@@ -50,5 +64,5 @@ def akd_run(synth_root, teacher_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("akd-run")
     result = run_akd("train", "--preset", TINY, "--data-root", synth_root, "--work-dir", work, "--epochs", 1,
                      "--batch-size", 4, "--cfg-options", "log_config.interval=1",
-                     "--teacher-checkpoint", teacher_checkpoint, "--avatars", 2, cwd=work)
+                     "--teacher-checkpoint", teacher_checkpoint, "--num-avatars", 2, cwd=work)
     return work, result

@@ -23,8 +23,10 @@ if __name__ == "__main__":
 
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1)
-    cfg = build_config(load_preset("tiny-fcos-r34-r18"), data_root=synth_root, teacher_checkpoint=teacher_checkpoint,
-                       num_avatars=2)
+    from akd_cli.options import TrainOptions
+
+    cfg = build_config(load_preset("tiny-fcos-r34-r18"), TrainOptions(
+        preset="tiny-fcos-r34-r18", data_root=synth_root, teacher_checkpoint=teacher_checkpoint, num_avatars=2))
     model = build_detector(cfg.model)
     model.init_weights()
     ddp = build_ddp(model, "cuda", device_ids=[0], broadcast_buffers=False)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from akd_cli.mm import compat
+from akd_cli.mm import checkpoints, compat
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +66,8 @@ def test_truncated_and_foreign_files_are_reported_as_such(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
     for bad in (truncated, text):
-        with pytest.raises(compat.CorruptCheckpointError, match="corrupt, truncated or not a torch file"):
-            compat.load_checkpoint_file(str(bad))
+        with pytest.raises(checkpoints.CorruptCheckpointError, match="corrupt, truncated or not a torch file"):
+            checkpoints.load_checkpoint_file(str(bad))
 
 
 class _Opaque:
@@ -77,10 +77,10 @@ class _Opaque:
 def test_pickled_code_needs_the_users_trust(tmp_path, monkeypatch):
     path = tmp_path / "pickled.pth"
     torch.save({"state_dict": {}, "meta": {"thing": _Opaque()}}, path)
-    with pytest.raises(compat.UnsafeCheckpointError, match="_Opaque"):
-        compat.load_checkpoint_file(str(path))
-    monkeypatch.setenv(compat.TRUST_ENV, "1")
-    assert isinstance(compat.load_checkpoint_file(str(path))["meta"]["thing"], _Opaque)
+    with pytest.raises(checkpoints.UnsafeCheckpointError, match="_Opaque"):
+        checkpoints.load_checkpoint_file(str(path))
+    monkeypatch.setenv(checkpoints.TRUST_ENV, "1")
+    assert isinstance(checkpoints.load_checkpoint_file(str(path))["meta"]["thing"], _Opaque)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

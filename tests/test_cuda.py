@@ -99,7 +99,7 @@ def test_base_losses_on_the_gpu_equal_the_cpu_values(base):
 def test_akd_train_with_amp_on_the_gpu_then_eval_on_the_gpu(synth_root, teacher_checkpoint, tmp_path):
     work = tmp_path / "amp"
     result = run_akd("train", "--preset", TINY, "--data-root", synth_root, "--work-dir", work, "--epochs", 1,
-                     "--batch-size", 4, "--teacher-checkpoint", teacher_checkpoint, "--avatars", 2, "--amp",
+                     "--batch-size", 4, "--teacher-checkpoint", teacher_checkpoint, "--num-avatars", 2, "--amp",
                      "--cfg-options", "log_config.interval=1", cwd=tmp_path)
     assert "done: student checkpoint" in result.stdout
     log = "".join(p.read_text() for p in work.glob("*.log"))

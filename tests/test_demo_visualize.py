@@ -6,15 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, run_akd
+from conftest import TINY, refused, run_akd
 
 pytestmark = pytest.mark.slow
-
-
-def refused(*args, cwd):
-    result = run_akd(*args, cwd=cwd, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
-    return " ".join(result.stderr.split())
 
 
 def test_visualize_writes_a_panel_per_level_and_the_detections(akd_run, teacher_checkpoint, synth_root, tmp_path):

@@ -11,16 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_akd
+from conftest import TINY, refused, run_akd
 
 pytestmark = pytest.mark.slow
 ALL_SCORES = ["--cfg-options", "model.student.test_cfg.score_thr=0.0"]  # an untrained model still detects
-
-
-def refused(*args, cwd):
-    result = run_akd(*args, cwd=cwd, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
-    return " ".join(result.stderr.split())
 
 
 @pytest.fixture(scope="module")

@@ -111,11 +111,12 @@ def test_every_preset_builds_and_runs_a_training_step(name, tmp_path):
 
     import akd_cli.mm.distiller  # noqa: F401
     from akd_cli.mm.config import build_config
+    from akd_cli.options import TrainOptions
     from mmdet.models import build_detector
 
     preset = load_preset(name)
     tokens = _local_token_file(preset, tmp_path) if preset.options.get("token_file") else None
-    cfg = build_config(preset, token_file=tokens)
+    cfg = build_config(preset, TrainOptions(preset=name, token_file=tokens))
     model = build_detector(cfg.model)
     model.train()
     assert not model.teacher.training
@@ -139,9 +140,10 @@ def test_every_preset_can_learn_receptive_tokens(name):
 
     import akd_cli.mm.token_learning  # noqa: F401
     from akd_cli.mm.config import build_config
+    from akd_cli.options import TrainOptions
     from mmdet.models import build_detector
 
-    cfg = build_config(load_preset(name), role="tokens", iters=3)
+    cfg = build_config(load_preset(name), TrainOptions(preset=name, kind="tokens", iters=3))
     assert cfg.runner == dict(type="AKDIterBasedRunner", max_iters=3)
     model = build_detector(cfg.model)
     model.train()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PERTURBATIONS = ("dropout", "channel", "noise")
+from akd_cli.names import PERTURBATIONS
 
 
 def make_avatar(teacher: torch.Tensor, perturbation: str = "dropout", drop_rate: float = 0.1) -> torch.Tensor:

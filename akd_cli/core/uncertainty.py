@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-UNCERTAINTY_MODES = ("variance", "bn", "none")
+from akd_cli.names import UNCERTAINTY_MODES
+
 _EPS = 1e-6
 _WEIGHT_EPS = 1e-12
 

@@ -52,12 +52,8 @@ def check_checkpoint_path(checkpoint: Optional[str], role: str) -> None:
 
 def friendly_message(exc: BaseException) -> Optional[str]:
     """One line for failures a user can act on; None for bugs (those keep their traceback)."""
-    from akd_cli.mm.compat import CheckpointLoadError
+    from akd_cli.mm.checkpoints import CheckpointLoadError, CheckpointMismatch
 
-    if isinstance(exc, (UserError, CheckpointLoadError, FileNotFoundError)):
-        return str(exc)
-    if isinstance(exc, FloatingPointError):
-        return str(exc)
-    if type(exc).__name__ == "CheckpointMismatch":
+    if isinstance(exc, (UserError, CheckpointLoadError, CheckpointMismatch, FileNotFoundError, FloatingPointError)):
         return str(exc)
     return None

@@ -10,19 +10,6 @@ import os
 import warnings
 
 _APPLIED = False
-TRUST_ENV = "AKD_TRUST_CHECKPOINTS"
-
-
-class CheckpointLoadError(Exception):
-    """A checkpoint file that cannot be loaded; the message says why in one line."""
-
-
-class UnsafeCheckpointError(CheckpointLoadError):
-    """A checkpoint that only a code-executing unpickler can read, and the user did not opt in."""
-
-
-class CorruptCheckpointError(CheckpointLoadError):
-    """Not a checkpoint torch can read: truncated, corrupt, or another kind of file."""
 
 
 def apply() -> None:
@@ -32,6 +19,7 @@ def apply() -> None:
     _quiet_known_warnings()
     _restore_numpy_aliases()
     _allow_cpu_distributed_data_parallel()
+    _cpu_data_parallel_stays_on_the_cpu()
     _scatter_streams_by_device_index()
     _load_checkpoints_weights_only()
     _reppoints_valid_flags_where_the_points_are()
@@ -115,6 +103,28 @@ def _allow_cpu_distributed_data_parallel() -> None:
         pass
 
 
+def _cpu_data_parallel_stays_on_the_cpu() -> None:
+    # Why: mmdet's build_dp wraps a CPU model in MMDataParallel, whose torch base class moves the
+    # model to cuda:0 whenever torch sees a GPU: `--device cpu` on a GPU machine trained and
+    # evaluated on the GPU. mmcv's MMDataParallel already runs on the CPU when it has no device ids
+    # (it scatters the DataContainers to the CPU); this wrapper gives it none, and moves nothing.
+    import torch
+    from mmcv.parallel import MMDataParallel
+
+    class CPUDataParallel(MMDataParallel):
+        """MMDataParallel for a model that stays on the CPU, GPU or not."""
+
+        def __init__(self, module, dim=0, **_ignored):
+            torch.nn.Module.__init__(self)
+            self.module, self.dim, self.device_ids = module, dim, []
+            self.output_device, self.src_device_obj = None, torch.device("cpu")
+
+    import mmdet.utils.util_distribution as dist_utils
+
+    dist_utils.dp_factory["cpu"] = CPUDataParallel
+    dist_utils.CPUDataParallel = CPUDataParallel
+
+
 def _scatter_streams_by_device_index() -> None:
     # Why: mmcv 1.7's Scatter, which moves every batch to the GPU for MMDataParallel and
     # MMDistributedDataParallel, passes int device indices to torch's private _get_stream; since
@@ -137,54 +147,14 @@ def _scatter_streams_by_device_index() -> None:
     mmcv_scatter._get_stream = copy_stream
 
 
-def trusted() -> bool:
-    return os.environ.get(TRUST_ENV, "") not in ("", "0", "false", "no")
-
-
-def load_checkpoint_file(filename: str, map_location=None):
-    """torch.load with weights_only=True unless the user opted in (``--trust-checkpoint``)."""
-    import pickle
-    import re
-
-    import torch
-
-    try:
-        if trusted():
-            return torch.load(filename, map_location=map_location, weights_only=False)
-        return torch.load(filename, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if needs:
-            raise UnsafeCheckpointError(
-                f"{filename} holds Python objects ({needs.group(1)}) that can only be loaded by running pickled "
-                f"code; if you trust where it came from, pass --trust-checkpoint (or set {TRUST_ENV}=1)") from None
-        raise CorruptCheckpointError(f"cannot read checkpoint {filename}: corrupt, truncated or not a torch file") from None
-    except (RuntimeError, EOFError) as exc:
-        if isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc) or "zip archive" in str(exc):
-            raise CorruptCheckpointError(f"cannot read checkpoint {filename}: corrupt, truncated or not a torch file") from None
-        raise
-
-
-def cached_download(url: str, model_dir=None) -> str:
-    """The local copy of a URL in torch's hub cache, downloaded once (never half-written)."""
-    import torch.hub
-
-    model_dir = model_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
-    os.makedirs(model_dir, exist_ok=True)
-    cached = os.path.join(model_dir, os.path.basename(url.split("?")[0]))
-    if not os.path.exists(cached):
-        partial = f"{cached}.partial-{os.getpid()}"
-        torch.hub.download_url_to_file(url, partial, progress=True)
-        os.replace(partial, cached)
-    return cached
-
-
 def _load_checkpoints_weights_only() -> None:
     # Why: mmcv 1.x calls torch.load without weights_only. torch>=2.6 then defaults to
     # weights_only=True for files, but torch.hub's URL loader (used by mmcv for model-zoo URLs)
     # still unpickles arbitrary code. Loading plain weights is always safe; anything else must be the
     # user's explicit choice, and a refusal must say so in one line instead of a pickle traceback.
     from mmcv.runner.checkpoint import CheckpointLoader
+
+    from akd_cli.mm.checkpoints import cached_download, load_checkpoint_file
 
     def load_from_local(filename, map_location=None):
         filename = os.path.expanduser(filename)

@@ -7,15 +7,19 @@ pipeline and schedule, and ``custom_imports`` of akd's registrations, so mmdet's
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from akd_cli.errors import UserError
+from akd_cli.options import TrainOptions
 from akd_cli.presets import ModelSpec, Preset
 
 MMDET_SCHEME = "mmdet://"
 COCO_ROOT_IN_MMDET_CONFIGS = "data/coco/"
-ROLES = ("student", "teacher", "tokens")
+# The modules whose import registers akd's models, runners and hooks with mmdet and mmcv: generated
+# configs import them (``custom_imports``), so mmdet's own tools run those configs too.
+REGISTERING_MODULES = ("akd_cli.mm.distiller", "akd_cli.mm.runners", "akd_cli.mm.hooks", "akd_cli.mm.token_learning")
 MASKD_TOKEN_ITERS = 2000
 SYNTH_CLASSES = ("disc", "box", "triangle", "ring", "cross", "star", "diamond", "hexagon", "crescent", "bar")
 
@@ -55,6 +59,22 @@ def retarget_paths(node, old_prefix: str, new_root: str):
     return node
 
 
+def lr_steps(epochs: int) -> list:
+    """The step schedule's decay epochs for a run of ``epochs``: mmdet's 1x/2x proportions (8 and 11
+    of 12), the one formula of every akd config."""
+    return [max(1, round(epochs * 8 / 12)), max(1, round(epochs * 11 / 12))]
+
+
+def retarget_data_root(cfg: Dict[str, Any], new_root: str) -> Dict[str, Any]:
+    """The config with every data path under its ``data_root`` (mmdet's COCO default when it names
+    none) moved under ``new_root``."""
+    cfg = dict(cfg)
+    old = cfg.get("data_root") or COCO_ROOT_IN_MMDET_CONFIGS
+    cfg["data"] = retarget_paths(cfg["data"], old, new_root)
+    cfg["data_root"] = new_root.rstrip("/") + "/"
+    return cfg
+
+
 def synth_training_config(data: Dict[str, Any], data_root: str, epochs: int) -> Dict[str, Any]:
     """Data pipeline and schedule for the synthetic shapes dataset (tiny presets)."""
     size = int(data.get("image_size", 128))
@@ -91,7 +111,7 @@ def synth_training_config(data: Dict[str, Any], data_root: str, epochs: int) -> 
         optimizer=dict(type="SGD", lr=lr, momentum=0.9, weight_decay=1e-4),
         optimizer_config=dict(grad_clip=dict(max_norm=35, norm_type=2)),
         lr_config=dict(policy="step", warmup="linear", warmup_iters=int(data.get("warmup_iters", 50)),
-                       warmup_ratio=0.1, step=[max(1, round(epochs * 8 / 12)), max(1, round(epochs * 11 / 12))]),
+                       warmup_ratio=0.1, step=lr_steps(epochs)),
         checkpoint_config=dict(interval=1, max_keep_ckpts=2),
         log_config=dict(interval=int(data.get("log_interval", 10)), hooks=[dict(type="TextLoggerHook")]),
         dist_params=dict(backend="nccl"), log_level="INFO", load_from=None, resume_from=None,
@@ -100,82 +120,123 @@ def synth_training_config(data: Dict[str, Any], data_root: str, epochs: int) -> 
     )
 
 
-def build_config(preset: Preset, *, data_root: Optional[str] = None, teacher_checkpoint: Optional[str] = None,
-                 method: Optional[str] = None, num_avatars: Optional[int] = None, drop_rate: Optional[float] = None,
-                 uncertainty: Optional[str] = None, epochs: Optional[int] = None, batch_size: Optional[int] = None,
-                 cfg_options: Optional[Dict[str, Any]] = None, role: str = "student",
-                 token_file: Optional[str] = None, iters: Optional[int] = None):
-    """The mmcv Config of a preset, with the command line's overrides applied.
+@dataclass
+class RunConfigs:
+    """What a run executes (``run``) and, for a distillation or a baseline, the student's plain
+    mmdet config (``student``: the student alone, runnable in mmdet's tools without akd)."""
+    run: Any
+    student: Optional[Any] = None
 
-    ``method="none"`` gives the student baseline: the distiller without a teacher.
-    ``role="teacher"`` trains the preset's teacher model alone (how the tiny presets get a teacher).
-    ``role="tokens"`` learns MasKD's receptive tokens on the teacher (``iters`` iterations);
-    ``token_file`` gives the distillation such learnt tokens.
+
+def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any]) -> Dict[str, Any]:
+    """Step 1: a plain mmdet config of one detector on the preset's data and schedule (the student's
+    recipe), with the options' epochs, batch size and data root."""
+    epochs = options.epochs or preset.epochs
+    if preset.tiny:
+        cfg = synth_training_config(preset.data, preset.data.get("root", "data/synth"), epochs)
+    else:
+        from mmcv import Config
+
+        cfg = Config.fromfile(str(resolve_config_path(preset.student.config)))._cfg_dict.to_dict()
+        cfg["lr_config"] = dict(cfg.get("lr_config", {}))
+        if cfg["lr_config"].get("policy") == "step":
+            cfg["lr_config"]["step"] = lr_steps(epochs)
+        cfg["evaluation"] = dict(cfg.get("evaluation", {}), interval=epochs)
+        cfg["checkpoint_config"] = dict(cfg.get("checkpoint_config", {}), interval=1, max_keep_ckpts=3)
+    if options.data_root:
+        cfg = retarget_data_root(cfg, options.data_root)
+    if options.batch_size:
+        cfg["data"] = dict(cfg["data"], samples_per_gpu=options.batch_size)
+    cfg.pop("total_epochs", None)
+    cfg["model"] = model
+    cfg["runner"] = dict(type="EpochBasedRunner", max_epochs=epochs)
+    return cfg
+
+
+def build_configs(preset: Preset, options: TrainOptions) -> RunConfigs:
+    """The configs of a preset run with the command line's options, built in steps: the plain
+    config of the trained detector, then (for a student) the distiller wrapped around it, then akd's
+    runner, hooks and imports, then ``--cfg-options``.
+
+    ``options.kind``: ``student`` (distilled, or the baseline with ``method="none"``), ``teacher``
+    (the preset's teacher trained alone: how the tiny presets get a teacher) or ``tokens`` (MasKD's
+    receptive tokens learnt on the teacher).
     """
-    if role not in ROLES:
-        raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     from mmcv import Config
 
-    epochs = epochs or preset.epochs
-    method = method or preset.method
-    if preset.tiny:
-        root = data_root or preset.data.get("root", "data/synth")
-        base: Dict[str, Any] = synth_training_config(preset.data, root, epochs)
-        student, teacher = _model_dict(preset.student), _model_dict(preset.teacher)
-    else:
-        student_cfg = Config.fromfile(str(resolve_config_path(preset.student.config)))
-        base = student_cfg._cfg_dict.to_dict()
-        student, teacher = base.pop("model"), _model_dict(preset.teacher)
-        if data_root:
-            base["data"] = retarget_paths(base["data"], COCO_ROOT_IN_MMDET_CONFIGS, data_root)
-            base["data_root"] = data_root.rstrip("/") + "/"
-        base["lr_config"] = dict(base.get("lr_config", {}))
-        if base["lr_config"].get("policy") == "step":
-            base["lr_config"]["step"] = [max(1, round(epochs * 8 / 12)), max(1, round(epochs * 11 / 12))]
-        base["evaluation"] = dict(base.get("evaluation", {}), interval=epochs)
-        base["checkpoint_config"] = dict(base.get("checkpoint_config", {}), interval=1, max_keep_ckpts=3)
-    base.pop("model", None)
-    if role == "tokens":
-        return _token_learning_config(preset, base, teacher, teacher_checkpoint, iters, batch_size, cfg_options)
-    if role == "teacher":
-        student, method = teacher, "none"
-    distilled = method != "none"
-    if token_file and method != "maskd":
+    if options.kind == "tokens":
+        plain = plain_config(preset, options, _model_dict(preset.teacher))
+        return RunConfigs(_token_learning_config(preset, plain, options))
+    trained = preset.teacher if options.kind == "teacher" else preset.student
+    plain = plain_config(preset, options, _model_dict(trained))
+    method = "none" if options.kind == "teacher" else (options.method or preset.method)
+    if options.token_file and method != "maskd":
         raise UserError(f"receptive tokens are for the MasKD base loss; this run distils with {method}")
-    model = dict(type="AKDDistiller", student=student)
-    if distilled:
-        model.update(
-            teacher=teacher, teacher_checkpoint=teacher_checkpoint or preset.teacher.checkpoint, method=method,
-            options=dict(dict(preset.options) if method == preset.method else {},
-                         **({"token_file": token_file} if token_file else {})),
-            distill=[dict(name=f.name, student=f.student, teacher=f.teacher, channels=list(f.channels),
-                          **({"student_channels": list(f.student_channels)} if f.student_channels else {}))
-                     for f in preset.features],
-            avatars=dict(num_avatars=preset.num_avatars if num_avatars is None else num_avatars,
-                         drop_rate=preset.drop_rate if drop_rate is None else drop_rate,
-                         uncertainty=uncertainty or preset.uncertainty, perturbation=preset.perturbation))
-    cfg = dict(base)
-    cfg["model"] = model
+    cfg = copy.deepcopy(plain)
+    cfg["model"] = _distiller(preset, options, plain["model"], method)
     cfg["optimizer"] = dict(cfg["optimizer"], constructor="AKDOptimizerConstructor")
-    cfg["runner"] = dict(type="AKDEpochBasedRunner", max_epochs=epochs)
-    cfg.pop("total_epochs", None)
-    if batch_size:
-        cfg["data"] = dict(cfg["data"], samples_per_gpu=batch_size)
-    _add_akd_hooks_and_imports(cfg)
-    cfg["akd"] = dict(preset=preset.name, method=method if distilled else "none",
-                      role="teacher" if role == "teacher" else ("distilled" if distilled else "baseline"),
+    cfg["runner"] = dict(cfg["runner"], type="AKDEpochBasedRunner")
+    cfg["akd"] = dict(preset=preset.name, method=method,
+                      role="teacher" if options.kind == "teacher" else ("baseline" if method == "none" else "distilled"),
                       dataset="synth" if preset.tiny else "coco")
-    config = Config(cfg)
-    if cfg_options:
-        config.merge_from_dict(cfg_options)
-    return config
+    student = Config(plain)
+    if options.cfg_options:
+        student.merge_from_dict(_student_side(options.cfg_options))
+    return RunConfigs(_with_akd_runtime(cfg, options), student)
 
 
-def _add_akd_hooks_and_imports(cfg: Dict[str, Any]) -> None:
+def _student_side(cfg_options: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``--cfg-options`` that concern the student's plain config: everything outside the model,
+    and ``model.student.*`` as ``model.*`` (the teacher's and the distiller's keys are not its own)."""
+    own = {}
+    for key, value in cfg_options.items():
+        if key.startswith("model.student."):
+            own["model." + key[len("model.student."):]] = value
+        elif not key.startswith(("model.", "custom_imports", "custom_hooks", "akd.", "optimizer.constructor")):
+            own[key] = value
+    return own
+
+
+def build_config(preset: Preset, options: TrainOptions):
+    """The config a preset run executes (see ``build_configs``)."""
+    return build_configs(preset, options).run
+
+
+def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], method: str) -> Dict[str, Any]:
+    """Step 2: the distiller around the student (without a teacher for the baseline)."""
+    model = dict(type="AKDDistiller", student=student)
+    if method == "none":
+        return model
+    model.update(
+        teacher=_model_dict(preset.teacher),
+        teacher_checkpoint=options.teacher_checkpoint or preset.teacher.checkpoint, method=method,
+        options=dict(dict(preset.options) if method == preset.method else {},
+                     **({"token_file": options.token_file} if options.token_file else {})),
+        distill=[dict(name=f.name, student=f.student, teacher=f.teacher, channels=list(f.channels),
+                      **({"student_channels": list(f.student_channels)} if f.student_channels else {}))
+                 for f in preset.features],
+        avatars=dict(num_avatars=_given(options.num_avatars, preset.num_avatars),
+                     drop_rate=_given(options.drop_rate, preset.drop_rate),
+                     uncertainty=options.uncertainty or preset.uncertainty,
+                     perturbation=options.perturbation or preset.perturbation))
+    return model
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _with_akd_runtime(cfg: Dict[str, Any], options: TrainOptions):
+    """Step 3: akd's progress hook and registrations, then the user's ``--cfg-options``."""
+    from mmcv import Config
+
     hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "RichProgressHook"]
     cfg["custom_hooks"] = hooks + [dict(type="RichProgressHook", priority="VERY_LOW")]
-    cfg["custom_imports"] = dict(imports=["akd_cli.mm.distiller", "akd_cli.mm.token_learning"],
-                                 allow_failed_imports=False)
+    cfg["custom_imports"] = dict(imports=list(REGISTERING_MODULES), allow_failed_imports=False)
+    config = Config(cfg)
+    if options.cfg_options:
+        config.merge_from_dict(options.cfg_options)
+    return config
 
 
 def _loading_masks(dataset: Dict[str, Any]) -> Dict[str, Any]:
@@ -190,27 +251,24 @@ def _loading_masks(dataset: Dict[str, Any]) -> Dict[str, Any]:
     return dataset
 
 
-def _token_learning_config(preset: Preset, base: Dict[str, Any], teacher: Dict[str, Any],
-                           teacher_checkpoint: Optional[str], iters: Optional[int], batch_size: Optional[int],
-                           cfg_options: Optional[Dict[str, Any]]):
-    """MasKD's token-learning stage: its published schedule (Adam, lr 0.01, weight decay 1e-3,
-    cosine to 1e-6, 2000 iterations at 16 images per step), on the preset's data."""
-    from mmcv import Config
-
+def _token_learning_config(preset: Preset, plain: Dict[str, Any], options: TrainOptions):
+    """MasKD's token-learning stage on the teacher: its published schedule (Adam, lr 0.01, weight
+    decay 1e-3, cosine to 1e-6, 2000 iterations at 16 images per step), on the preset's data."""
     if len(preset.features) != 1:
         raise UserError(f"preset {preset.name} distils {len(preset.features)} features; token learning "
                         "masks one module's outputs (MasKD: the FPN neck)")
     feature = preset.features[0]
-    options = dict(preset.options) if preset.method == "maskd" else {}
-    iters = iters or MASKD_TOKEN_ITERS
-    cfg = dict(base)
+    maskd = dict(preset.options) if preset.method == "maskd" else {}
+    iters = options.iters or MASKD_TOKEN_ITERS
+    cfg = dict(plain)
+    teacher = cfg.pop("model")
     if (teacher.get("roi_head") or {}).get("mask_head"):
         # The teacher's training loss includes its mask head (Cascade Mask R-CNN): load the masks.
         cfg["data"] = dict(cfg["data"], train=_loading_masks(cfg["data"]["train"]))
     cfg["model"] = dict(type="ReceptiveTokenLearner", detector=teacher,
-                        checkpoint=teacher_checkpoint or preset.teacher.checkpoint, module=feature.teacher,
-                        channels=list(feature.channels), num_tokens=int(options.get("num_tokens", 6)),
-                        weight_tokens=bool(options.get("weight_tokens", True)))
+                        checkpoint=options.teacher_checkpoint or preset.teacher.checkpoint, module=feature.teacher,
+                        channels=list(feature.channels), num_tokens=int(maskd.get("num_tokens", 6)),
+                        weight_tokens=bool(maskd.get("weight_tokens", True)))
     cfg["optimizer"] = dict(type="Adam", lr=0.01, weight_decay=0.001)
     cfg["optimizer_config"] = dict(grad_clip=None)
     cfg["lr_config"] = dict(policy="CosineAnnealing", min_lr=1e-6, by_epoch=False)
@@ -219,30 +277,9 @@ def _token_learning_config(preset: Preset, base: Dict[str, Any], teacher: Dict[s
     cfg["log_config"] = dict(interval=min(50, iters), hooks=[dict(type="TextLoggerHook", by_epoch=False)])
     cfg["workflow"] = [("train", 1)]
     cfg.pop("evaluation", None)
-    cfg.pop("total_epochs", None)
     cfg.update(load_from=None, resume_from=None)
-    if batch_size:
-        cfg["data"] = dict(cfg["data"], samples_per_gpu=batch_size)
-    _add_akd_hooks_and_imports(cfg)
     cfg["akd"] = dict(preset=preset.name, method="maskd", role="tokens", dataset="synth" if preset.tiny else "coco")
-    config = Config(cfg)
-    if cfg_options:
-        config.merge_from_dict(cfg_options)
-    return config
-
-
-def student_config(config):
-    """The plain mmdet config of the student alone: runs in mmdet's own tools without akd."""
-    from mmcv import Config
-
-    cfg = copy.deepcopy(config._cfg_dict.to_dict())
-    cfg["model"] = cfg["model"]["student"]
-    cfg["optimizer"] = {k: v for k, v in cfg["optimizer"].items() if k != "constructor"}
-    cfg["runner"] = dict(type="EpochBasedRunner", max_epochs=cfg["runner"]["max_epochs"])
-    cfg["custom_hooks"] = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "RichProgressHook"]
-    cfg.pop("custom_imports", None)
-    cfg.pop("akd", None)
-    return Config(cfg)
+    return _with_akd_runtime(cfg, options)
 
 
 def dump_config(config, path: Path) -> Path:

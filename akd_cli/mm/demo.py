@@ -17,7 +17,7 @@ from akd_cli.errors import UserError
 
 MANIFEST = "akd-demo.json"
 STUDENTS = (("baseline", "no distillation", dict(method="none")),
-            ("kd", "base loss", dict(avatars=0)),
+            ("kd", "base loss", dict(num_avatars=0)),
             ("akd", "base loss + Avatars", dict()))
 
 
@@ -36,9 +36,9 @@ class DemoSpec:
 
 def run_demo(spec: DemoSpec, *, force: bool = False, say: Callable[[str], None] = print) -> Dict[str, dict]:
     from akd_cli import synth
-    from akd_cli.mm.evaluate import EvalRequest, evaluate
-    from akd_cli.mm.launch import LaunchPlan
-    from akd_cli.mm.runs import TrainRequest, launch_training
+    from akd_cli.mm.evaluate import launch_eval
+    from akd_cli.mm.runs import launch_training
+    from akd_cli.options import EvalOptions, LaunchPlan, TrainOptions
     from akd_cli.presets import load_preset
 
     preset = load_preset(spec.preset)
@@ -66,18 +66,18 @@ def run_demo(spec: DemoSpec, *, force: bool = False, say: Callable[[str], None] 
                                    image_size=spec.image_size, num_classes=int(preset.data.get("num_classes", 6)),
                                    seed=spec.seed), data)
     plan = LaunchPlan(device=spec.device)
-    common = dict(preset=preset.name, data_root=str(data), seed=spec.seed, validate=False, plan=plan)
+    common = dict(preset=preset.name, data_root=str(data), seed=spec.seed, validate=False, launch=plan)
 
     say(f"[2/{total}] teacher: {preset.teacher.name}, {spec.teacher_epochs} epochs")
-    teacher = launch_training(TrainRequest(**common, role="teacher", epochs=spec.teacher_epochs,
+    teacher = launch_training(TrainOptions(**common, kind="teacher", epochs=spec.teacher_epochs,
                                            work_dir=str(out / "teacher")))
-    records: Dict[str, dict] = {"teacher": evaluate(EvalRequest(checkpoint=teacher, preset=preset.name,
-                                                                data_root=str(data), role="teacher"))}
+    records: Dict[str, dict] = {"teacher": launch_eval(EvalOptions(checkpoint=teacher, preset=preset.name,
+                                                                   data_root=str(data), role="teacher", launch=plan))}
     for i, (name, label, options) in enumerate(STUDENTS):
         say(f"[{3 + i}/{total}] student {preset.student.name}: {label}, {spec.student_epochs} epochs")
-        student = launch_training(TrainRequest(**common, **options, teacher_checkpoint=teacher,
+        student = launch_training(TrainOptions(**common, **options, teacher_checkpoint=teacher,
                                                epochs=spec.student_epochs, work_dir=str(out / name)))
-        records[name] = evaluate(EvalRequest(checkpoint=student, data_root=str(data), role=name))
+        records[name] = launch_eval(EvalOptions(checkpoint=student, data_root=str(data), role=name, launch=plan))
     say(f"[{total}/{total}] table")
     records["_minutes"] = {"value": round((time.time() - started) / 60, 1)}
     return records

@@ -14,29 +14,15 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from akd_cli import fileio
 from akd_cli.errors import UserError
+from akd_cli.options import EvalOptions, Job, TrainOptions
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-@dataclass
-class EvalRequest:
-    checkpoint: str
-    preset: Optional[str] = None
-    config: Optional[str] = None
-    data_root: Optional[str] = None
-    role: Optional[str] = None
-    dump: Optional[str] = None
-    batch_size: int = 1
-    cfg_options: Dict[str, Any] = field(default_factory=dict)
-    metrics_file: Optional[str] = None
 
 
 def sha256(path: str) -> str:
@@ -47,32 +33,28 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def resolve_config(request: EvalRequest):
+def resolve_config(options: EvalOptions):
     """The config to evaluate with: --config, --preset, or the config.py of the checkpoint's work dir."""
     from mmcv import Config
 
-    from akd_cli.mm.config import build_config, retarget_paths
+    from akd_cli.mm.config import build_config, retarget_data_root
     from akd_cli.presets import load_preset
 
-    if request.preset and request.config:
-        raise UserError("give at most one of --preset and --config")
-    if request.preset:
-        cfg = build_config(load_preset(request.preset), data_root=request.data_root)
+    if options.preset:
+        cfg = build_config(load_preset(options.preset), TrainOptions(preset=options.preset, data_root=options.data_root))
     else:
-        path = Path(request.config) if request.config else Path(os.path.realpath(request.checkpoint)).parent / "config.py"
+        path = Path(options.config) if options.config else Path(os.path.realpath(options.checkpoint)).parent / "config.py"
         if not path.is_file():
-            raise UserError(f"config not found: {path}" if request.config else
-                            f"no config.py beside {request.checkpoint}: pass --preset or --config")
+            raise UserError(f"config not found: {path}" if options.config else
+                            f"no config.py beside {options.checkpoint}: pass --preset or --config")
         try:
             cfg = Config.fromfile(str(path))
         except Exception as exc:
             raise UserError(f"cannot read config {path}: {' '.join(str(exc).split())[:200]}") from None
-        if request.data_root:
-            old = cfg.get("data_root") or "data/coco/"
-            cfg.data = retarget_paths(cfg._cfg_dict.to_dict()["data"], old, request.data_root)
-            cfg.data_root = request.data_root.rstrip("/") + "/"
-    if request.cfg_options:
-        cfg.merge_from_dict(request.cfg_options)
+        if options.data_root:
+            cfg = Config(retarget_data_root(cfg._cfg_dict.to_dict(), options.data_root))
+    if options.cfg_options:
+        cfg.merge_from_dict(options.cfg_options)
     return cfg
 
 
@@ -89,9 +71,8 @@ def _work_dir_role(cfg) -> str:
 
 def select_model(cfg, state_dict: Dict[str, Any], checkpoint: str):
     """(model config, weights, role) for this checkpoint; a checkpoint that fits nothing names the keys."""
-    import akd_cli.mm.distiller  # noqa: F401
-    from akd_cli.mm.checkpoints import checkpoint_role, student_state_dict
-    from akd_cli.mm.distiller import CheckpointMismatch, load_checked
+    import akd_cli.mm.distiller  # noqa: F401  (registers AKDDistiller, whose configs this reads)
+    from akd_cli.mm.checkpoints import CheckpointMismatch, checkpoint_role, load_checked, student_state_dict
     from mmdet.models import build_detector
 
     model_cfg = cfg.model
@@ -117,21 +98,6 @@ def select_model(cfg, state_dict: Dict[str, Any], checkpoint: str):
     raise UserError(str(first_error))
 
 
-def _load_state_dict(checkpoint: str) -> Dict[str, Any]:
-    from akd_cli.mm import compat
-
-    if not Path(checkpoint).is_file():
-        raise UserError(f"checkpoint not found: {checkpoint}")
-    try:
-        state = compat.load_checkpoint_file(checkpoint, map_location="cpu")
-    except compat.CheckpointLoadError as exc:
-        raise UserError(str(exc)) from None
-    state_dict = state.get("state_dict", state) if isinstance(state, dict) else None
-    if not isinstance(state_dict, dict) or not state_dict:
-        raise UserError(f"{checkpoint} holds no state dict")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-
-
 def coco_metrics(dataset, results_json: str) -> Dict[str, float]:
     """COCOeval (bbox) with mmdet's parameters on a COCO results file."""
     from pycocotools.cocoeval import COCOeval
@@ -155,16 +121,13 @@ def coco_metrics(dataset, results_json: str) -> Dict[str, float]:
 
 def run_inference(model, data_loader, device: str, rank: int, world_size: int, total: int) -> List[Any]:
     import torch
-    from mmcv.parallel import MMDataParallel
+    from mmdet.utils import build_dp
     from rich.progress import TextColumn
 
     from akd_cli.mm.console import progress
 
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        model = MMDataParallel(model.cuda(local), device_ids=[local])
-    else:
-        model = MMDataParallel(model)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    model = build_dp(model, device, device_ids=[local])  # on the CPU it stays there (see compat)
     model.eval()
     results: List[Any] = []
     display = progress(TextColumn("[bold]eval[/]")) if rank == 0 else contextlib.nullcontext()
@@ -179,37 +142,38 @@ def run_inference(model, data_loader, device: str, rank: int, world_size: int, t
     return results
 
 
-def evaluate(request: EvalRequest) -> Optional[Dict[str, Any]]:
-    """Evaluate in this process (one of WORLD_SIZE workers); rank 0 returns the metrics record."""
+def evaluate(job: Job) -> Optional[Dict[str, Any]]:
+    """Evaluate in this process (one of WORLD_SIZE workers) on the job's device; rank 0 returns the
+    metrics record."""
     from akd_cli.mm import compat
 
     compat.apply()
-    import torch
     import torch.distributed as dist
+    from mmcv import Config
     from mmcv.runner import get_dist_info
 
     from akd_cli import __version__
-    from akd_cli.mm.checks import check_dataset
+    from akd_cli.mm.checkpoints import load_state_dict
     from akd_cli.mm.console import stack_stdout_hidden
-    from akd_cli.mm.train import _init_distributed
+    from akd_cli.mm.launch import init_distributed
     from mmdet.apis.test import collect_results_cpu
     from mmdet.datasets import build_dataloader, build_dataset, replace_ImageToTensor
 
-    cfg = resolve_config(request)
-    check_dataset(cfg.data, splits=("test",))
-    state_dict = _load_state_dict(request.checkpoint)
-    model, fitted_role = select_model(cfg, state_dict, request.checkpoint)
-    role = request.role or (fitted_role if fitted_role in ("teacher", "detector") else _work_dir_role(cfg))
-    distributed = _init_distributed()
+    options = job.options
+    cfg = Config.fromfile(job.config)
+    state_dict = load_state_dict(options.checkpoint)
+    model, fitted_role = select_model(cfg, state_dict, options.checkpoint)
+    role = options.role or (fitted_role if fitted_role in ("teacher", "detector") else _work_dir_role(cfg))
+    distributed = init_distributed(job.device)
     rank, world_size = get_dist_info()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = job.device
     test_cfg = cfg.data.test
     test_cfg.test_mode = True
-    if request.batch_size > 1:
+    if options.batch_size > 1:
         test_cfg.pipeline = replace_ImageToTensor(test_cfg.pipeline)
     with stack_stdout_hidden():
         dataset = build_dataset(test_cfg)
-    loader = build_dataloader(dataset, samples_per_gpu=request.batch_size, workers_per_gpu=cfg.data.get("workers_per_gpu", 0),
+    loader = build_dataloader(dataset, samples_per_gpu=options.batch_size, workers_per_gpu=cfg.data.get("workers_per_gpu", 0),
                               dist=distributed, shuffle=False)
     model.CLASSES = dataset.CLASSES
     results = run_inference(model, loader, device, rank, world_size, len(dataset))
@@ -223,70 +187,48 @@ def evaluate(request: EvalRequest) -> Optional[Dict[str, Any]]:
     try:
         files = dataset.results2json(results, str(scratch / "results"))
         metrics = coco_metrics(dataset, files["bbox"])
-        if request.dump:
-            fileio.copy(files["bbox"], request.dump)
+        if options.dump:
+            fileio.copy(files["bbox"], options.dump)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     akd = cfg.get("akd", {}) or {}
     record = {
-        "preset": request.preset or akd.get("preset"),
+        "preset": options.preset or akd.get("preset"),
         "role": role,
         "method": akd.get("method") if role in ("kd", "akd") else None,
         "num_avatars": (cfg.model.get("avatars") or {}).get("num_avatars") if role == "akd" else None,
-        "checkpoint": os.path.abspath(request.checkpoint),
-        "checkpoint_sha256": sha256(request.checkpoint),
+        "checkpoint": os.path.abspath(options.checkpoint),
+        "checkpoint_sha256": sha256(options.checkpoint),
         "dataset": {"ann_file": os.path.abspath(test_cfg.ann_file), "images": len(dataset)},
         "metrics": metrics,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "akd_version": __version__,
         "device": device, "workers": world_size,
     }
-    out = request.metrics_file or str(Path(request.checkpoint).resolve().parent / "metrics.json")
+    out = options.metrics_file or str(Path(options.checkpoint).resolve().parent / "metrics.json")
     fileio.write_json(out, record)
     record["metrics_file"] = out
     return record
 
 
-def main(argv=None) -> None:
-    """One evaluation worker (launched by `akd eval --gpus N`)."""
-    import argparse
+def launch_eval(options: EvalOptions) -> Dict[str, Any]:
+    """Resolve the config once, check the data, then evaluate in this process or on the plan's
+    workers; returns the metrics record."""
+    from akd_cli.mm import compat
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("request_json")
-    parser.add_argument("--result-file")
-    args = parser.parse_args(argv)
-    request = EvalRequest(**json.loads(Path(args.request_json).read_text()))
-    try:
-        record = evaluate(request)
-    except Exception as exc:
-        from akd_cli.mm.checks import friendly_message
+    compat.apply()
+    from akd_cli.mm.checks import check_dataset
+    from akd_cli.mm.config import dump_config
+    from akd_cli.mm.launch import resolve_device, run_job
 
-        message = friendly_message(exc)
-        if message is None:
-            raise
-        print(f"error (rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    if record is not None and args.result_file:
-        fileio.write_json(args.result_file, record)
-
-
-if __name__ == "__main__":
-    main()
-
-
-def launch_eval(request: EvalRequest, plan, device: str) -> Dict[str, Any]:
-    """Evaluate on this process, or on ``plan``'s workers; returns the metrics record."""
-    from dataclasses import asdict
-
-    from akd_cli.mm.launch import run_workers
-
-    if plan.world_size == 1:
-        return evaluate(request)
+    if not Path(options.checkpoint).is_file():
+        raise UserError(f"checkpoint not found: {options.checkpoint}")
+    device = resolve_device(options.launch)
+    cfg = resolve_config(options)
+    check_dataset(cfg.data, splits=("test",))
     scratch = Path(tempfile.mkdtemp(prefix="akd-eval-"))
     try:
-        fileio.write_json(scratch / "request.json", asdict(request))
-        run_workers([str(scratch / "request.json"), "--result-file", str(scratch / "result.json")], plan, device,
-                    module="akd_cli.mm.evaluate")
-        return json.loads((scratch / "result.json").read_text())
+        config = dump_config(cfg, scratch / "config.py")
+        return run_job(Job(options=options, config=str(config), work_dir=str(scratch), device=device))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,36 +1,30 @@
 """Starting workers: one process, N processes on this machine, several machines, or Slurm.
 
-Like torchrun, the launcher sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK and
-LOCAL_WORLD_SIZE and starts one process per worker; unlike torchrun it keeps its own output short,
-stops the whole job when one worker dies, and names that worker's rank.
+Every worker runs the same command, ``python -m akd_cli.mm.worker JOB.json`` (see
+``akd_cli.options.Job``), for training and evaluation alike, whoever starts it. On one machine or
+several, akd runs torch's elastic agent in its own process (what torchrun runs: it sets
+MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK, watches the workers and ends them all when
+one fails); akd keeps the console to one line about a failure, naming the rank. Under Slurm, srun
+starts that worker command once per task and the worker reads its rank from the SLURM_* variables.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shlex
-import signal
+import shutil
 import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Sequence
 
 from akd_cli.errors import UserError
+from akd_cli.options import Job, LaunchPlan
 
-
-@dataclass
-class LaunchPlan:
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: Optional[int] = None
-    device: str = "auto"          # auto | cuda | cpu
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
+WORKER_MODULE = "akd_cli.mm.worker"
 
 
 def cuda_device_count() -> int:
@@ -44,11 +38,7 @@ def cuda_device_count() -> int:
 
 
 def resolve_device(plan: LaunchPlan) -> str:
-    """Check the request against the machine before anything starts; returns 'cuda' or 'cpu'."""
-    if plan.nproc_per_node < 1 or plan.nnodes < 1:
-        raise UserError("--gpus and --nnodes must be at least 1")
-    if not 0 <= plan.node_rank < plan.nnodes:
-        raise UserError(f"--node-rank must be in [0, {plan.nnodes - 1}], got {plan.node_rank}")
+    """Check the plan against the machine before anything starts; returns 'cuda' or 'cpu'."""
     if plan.device == "cpu":
         return "cpu"
     available = cuda_device_count()
@@ -69,62 +59,113 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_env(plan: LaunchPlan, local_rank: int, device: str, port: int) -> Dict[str, str]:
-    env = dict(os.environ)
-    env.update(MASTER_ADDR=plan.master_addr, MASTER_PORT=str(port), WORLD_SIZE=str(plan.world_size),
-               RANK=str(plan.node_rank * plan.nproc_per_node + local_rank), LOCAL_RANK=str(local_rank),
-               LOCAL_WORLD_SIZE=str(plan.nproc_per_node), PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node)))
+def init_distributed(device: str) -> bool:
+    """Join the process group the launcher's variables describe (NCCL on CUDA, gloo on the CPU);
+    False for a single process."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return True
+
+
+def run_job(job: Job) -> Any:
+    """Run a job: in this process for one worker, else on the plan's workers; rank 0's result."""
+    plan = job.options.launch
+    if plan.world_size == 1:
+        from akd_cli.mm.worker import run
+
+        return run(job)
+    scratch = Path(tempfile.mkdtemp(prefix="akd-job-"))
+    try:
+        result = scratch / "result.json"
+        job_file = job.with_result_file(str(result)).write(scratch / "job.json")
+        run_workers([str(job_file)], plan, job.device)
+        return json.loads(result.read_text())["result"] if result.is_file() else None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _worker_environment(plan: LaunchPlan, device: str) -> Iterator[None]:
+    """What the workers inherit besides the ranks the agent gives them: this process's pid (a worker
+    ends when its launcher dies), a fair share of the CPU threads, and no GPU for a CPU run."""
+    from akd_cli.mm.worker import LAUNCHER_PID_ENV
+
+    saved = dict(os.environ)
+    os.environ.update({LAUNCHER_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node)))
     if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _launch_config(plan: LaunchPlan, port: int, log_dir: str, poll_s: float):
+    """torch's elastic agent (what torchrun runs), one node of a static rendezvous: fixed world size,
+    node 0 hosting the store at MASTER_ADDR:MASTER_PORT, no restarts. Only rank 0 writes to the
+    console's stdout; the others' stdout goes to the agent's log dir (stderr stays on the console)."""
+    import dataclasses
+
+    from torch.distributed.elastic.multiprocessing import Std
+    from torch.distributed.launcher.api import LaunchConfig
+
+    quiet = {local: Std.OUT for local in range(plan.nproc_per_node)
+             if plan.node_rank * plan.nproc_per_node + local != 0}
+    config = dict(min_nodes=plan.nnodes, max_nodes=plan.nnodes, nproc_per_node=plan.nproc_per_node,
+                  run_id=f"akd-{plan.master_addr}-{port}", rdzv_backend="static",
+                  rdzv_endpoint=f"{plan.master_addr}:{port}", rdzv_configs={"rank": plan.node_rank},
+                  max_restarts=0, monitor_interval=poll_s)
+    fields = {f.name for f in dataclasses.fields(LaunchConfig)}
+    if "logs_specs" in fields:  # torch >= 2.2
+        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+
+        config["logs_specs"] = DefaultLogsSpecs(log_dir=log_dir, redirects=quiet)
+    else:
+        config.update(log_dir=log_dir, redirects=quiet)
+    return LaunchConfig(**config)
 
 
 def run_workers(worker_args: Sequence[str], plan: LaunchPlan, device: str, poll_s: float = 0.5,
-                module: str = "akd_cli.mm.train") -> None:
-    """Run ``python -m <module> <worker_args>`` once per local worker and wait for all.
+                module: str = WORKER_MODULE) -> None:
+    """Run ``python -m <module> <worker_args>`` once per local worker under torch's elastic agent
+    and wait for all.
 
-    A worker that exits non-zero ends the others (SIGTERM, then SIGKILL) and raises a UserError
-    naming its rank and exit code. Ctrl-C ends them all.
+    A worker that exits non-zero ends the others (the agent's SIGTERM, then SIGKILL) and raises a
+    UserError naming its rank and exit code. Ctrl-C ends them all.
     """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     port = plan.master_port or (free_port() if plan.nnodes == 1 else 29500)
-    command = [sys.executable, "-m", module, *worker_args]
-    processes: List[subprocess.Popen] = []
+    log_dir = tempfile.mkdtemp(prefix="akd-workers-")
+    # The agent reports failures in its own multi-line form; akd says it in one line below.
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        for local_rank in range(plan.nproc_per_node):
-            # Only rank 0 draws the progress bar; the others keep to the log file.
-            quiet = plan.node_rank * plan.nproc_per_node + local_rank != 0
-            processes.append(subprocess.Popen(
-                command, env=worker_env(plan, local_rank, device, port),
-                stdout=subprocess.DEVNULL if quiet else None, stderr=None, start_new_session=True))
-        while True:
-            codes = [p.poll() for p in processes]
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                local_rank, code = failed[0]
-                rank = plan.node_rank * plan.nproc_per_node + local_rank
-                _stop(processes)
-                reason = f"signal {-code}" if code < 0 else f"exit code {code}"
-                raise UserError(f"worker rank {rank} failed ({reason}); stopped the other workers")
-            if all(c == 0 for c in codes):
-                return
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        _stop(processes)
-        raise
+        with _worker_environment(plan, device):
+            elastic_launch(_launch_config(plan, port, log_dir, poll_s), sys.executable)("-m", module, *worker_args)
+    except ChildFailedError as exc:
+        import signal
 
-
-def _stop(processes: List[subprocess.Popen], grace_s: float = 10.0) -> None:
-    for p in processes:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.time() + grace_s
-    for p in processes:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        # The agent ends the surviving workers with SIGTERM; the failure to name is the one before.
+        own = {r: f for r, f in exc.failures.items() if f.exitcode != -signal.SIGTERM} or exc.failures
+        rank, failure = min(own.items())
+        code = failure.exitcode
+        reason = f"signal {-code}" if code < 0 else f"exit code {code}"
+        raise UserError(f"worker rank {rank} failed ({reason}); stopped the other workers") from None
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 # --- Slurm -------------------------------------------------------------------------------------
@@ -150,17 +191,26 @@ def slurm_env(default_port: int = 29500) -> Dict[str, str]:
                 LOCAL_WORLD_SIZE=str(max(1, ntasks // max(nnodes, 1))))
 
 
-def srun_command(akd_args: Sequence[str], plan: LaunchPlan, partition: Optional[str], job_name: str = "akd",
-                 extra: Sequence[str] = ()) -> List[str]:
-    """The srun line that runs this same `akd train` as one Slurm task per GPU."""
+def srun_command(job_file: str, plan: LaunchPlan, job_name: str = "akd", extra: Sequence[str] = ()) -> List[str]:
+    """The srun line that starts the worker command on a job file, one Slurm task per GPU."""
     cmd = ["srun", f"--job-name={job_name}", f"--nodes={plan.nnodes}", f"--ntasks-per-node={plan.nproc_per_node}",
            f"--ntasks={plan.world_size}", "--kill-on-bad-exit=1"]
     if plan.device != "cpu":
         cmd.append(f"--gres=gpu:{plan.nproc_per_node}")
-    if partition:
-        cmd.append(f"--partition={partition}")
+    if plan.partition:
+        cmd.append(f"--partition={plan.partition}")
     cmd += list(extra)
-    return cmd + [sys.executable, "-m", "akd_cli.cli", *akd_args]
+    return cmd + [sys.executable, "-m", WORKER_MODULE, job_file]
+
+
+def srun(job: Job) -> None:
+    """Replace this process by srun running the job's workers (the job file lies in the work dir)."""
+    job_file = job.write(Path(job.work_dir) / "job.json")
+    cmd = srun_command(str(job_file), job.options.launch)
+    if shutil.which("srun") is None:
+        raise UserError(f"srun not found: run this inside a Slurm allocation, e.g. {describe(cmd)}")
+    print(f"starting: {describe(cmd)}", flush=True)
+    os.execvp(cmd[0], cmd)
 
 
 def describe(cmd: Sequence[str]) -> str:

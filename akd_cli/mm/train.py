@@ -1,59 +1,20 @@
-"""Training entry point: one worker process (rank) of a run, or the whole run on one process.
+"""Training in one worker process (one rank of a run, or the whole run in one process).
 
-Launching several is ``akd_cli.mm.launch``'s job; this module reads RANK / WORLD_SIZE / LOCAL_RANK
-from the environment like any torch.distributed worker. ``python -m akd_cli.mm.train CONFIG WORK_DIR``
-runs a worker directly.
+Started through ``akd_cli.mm.worker`` (``python -m akd_cli.mm.worker JOB.json``), which hands it
+the job; ranks come from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 """
 from __future__ import annotations
 
-import argparse
 import glob
+import importlib
 import json
 import logging
 import os
 import os.path as osp
-import sys
 import time
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """How a worker runs its config; crosses process boundaries as command-line flags."""
-    seed: int = 0
-    deterministic: bool = False
-    resume: bool = False
-    amp: bool = False
-    validate: bool = True
-    verbose: bool = False
-
-    def to_argv(self) -> List[str]:
-        flags = [("--deterministic", self.deterministic), ("--resume", self.resume), ("--amp", self.amp),
-                 ("--no-validate", not self.validate), ("--verbose", self.verbose)]
-        return ["--seed", str(self.seed)] + [flag for flag, on in flags if on]
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "WorkerOptions":
-        return cls(seed=args.seed, deterministic=args.deterministic, resume=args.resume, amp=args.amp,
-                   validate=not args.no_validate, verbose=args.verbose)
-
-
-def _init_distributed() -> bool:
-    import torch
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return False
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-            backend = "nccl"
-        else:
-            backend = "gloo"
-        dist.init_process_group(backend=backend)
-    return True
+from akd_cli.options import Job
 
 
 def _remove_partial_checkpoints(work_dir: str) -> None:
@@ -74,34 +35,38 @@ def _console_shows_warnings_only(*logger_names: str) -> None:
                 handler.setLevel(logging.WARNING)
 
 
-def train(config_path: str, work_dir: str, options: WorkerOptions = WorkerOptions()) -> Optional[str]:
-    """Train from a generated config; returns the exported student checkpoint, or for token learning
-    the token file (rank 0).
+def train(job: Job) -> Optional[str]:
+    """Train the job's config on the job's device; returns (rank 0) the exported student checkpoint,
+    or for token learning the token file.
     The console shows the progress bar and warnings (all of mmdet's log with ``verbose``); the log
     file in the work dir always has everything."""
     from akd_cli.mm import compat
 
     compat.apply()
     import mmcv
-    import torch
     from mmcv import Config
     from mmcv.runner import get_dist_info
 
-    import akd_cli.mm.distiller  # noqa: F401  (registers the distiller, runner and hooks)
-    import akd_cli.mm.token_learning  # noqa: F401  (registers the token learner)
     from akd_cli import __version__
+    from akd_cli.mm.config import REGISTERING_MODULES
     from akd_cli.mm.console import stack_stdout_hidden
+    from akd_cli.mm.launch import init_distributed
     from mmdet import __version__ as mmdet_version
     from mmdet.apis import set_random_seed, train_detector
     from mmdet.datasets import build_dataset
     from mmdet.models import build_detector
     from mmdet.utils import get_root_logger
 
+    for module in REGISTERING_MODULES:  # the distiller, runners, hooks and token learner
+        importlib.import_module(module)
+    options, work_dir, config_path = job.options, job.work_dir, job.config
     cfg = Config.fromfile(config_path)
     cfg.work_dir = work_dir
-    distributed = _init_distributed()
+    distributed = init_distributed(job.device)
     rank, world_size = get_dist_info()
-    cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The launcher resolved the device against the machine and the user's --device: a worker never
+    # picks another (a CPU run on a GPU machine stays on the CPU).
+    cfg.device = job.device
     cfg.gpu_ids = [int(os.environ.get("LOCAL_RANK", "0"))] if cfg.device == "cuda" else [0]
     if options.amp:
         cfg.fp16 = dict(loss_scale="dynamic")
@@ -128,7 +93,8 @@ def train(config_path: str, work_dir: str, options: WorkerOptions = WorkerOption
         cfg.checkpoint_config.meta = dict(mmdet_version=mmdet_version, akd_version=__version__,
                                           CLASSES=datasets[0].CLASSES)
         logger.info(f"akd {__version__}: {world_size} worker(s) on {cfg.device}, config {config_path}")
-        train_detector(model, datasets, cfg, distributed=distributed, validate=options.validate, timestamp=timestamp,
+        validate = options.validate and options.kind != "tokens"  # token learning has no detections to score
+        train_detector(model, datasets, cfg, distributed=distributed, validate=validate, timestamp=timestamp,
                        meta=meta)
     if rank != 0:
         return None
@@ -140,42 +106,6 @@ def train(config_path: str, work_dir: str, options: WorkerOptions = WorkerOption
     from akd_cli.mm.checkpoints import export_student
 
     return export_student(latest, osp.join(work_dir, "student.pth"))
-
-
-def worker_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="one akd training worker")
-    parser.add_argument("config")
-    parser.add_argument("work_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--deterministic", action="store_true")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--amp", action="store_true")
-    parser.add_argument("--no-validate", action="store_true")
-    parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--result-file", default=None, help="where rank 0 writes the exported file's path")
-    return parser
-
-
-def main(argv=None) -> None:
-    args = worker_parser().parse_args(argv)
-    try:
-        student = train(args.config, args.work_dir, WorkerOptions.from_args(args))
-    except Exception as exc:  # known failures: one line and exit code 2; bugs keep their traceback
-        from akd_cli.mm.checks import friendly_message
-
-        message = friendly_message(exc)
-        if message is None:
-            raise
-        rank = os.environ.get("RANK", "0")
-        print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    if student and args.result_file:
-        with open(args.result_file, "w") as f:
-            json.dump({"exported": student}, f)
-
-
-if __name__ == "__main__":
-    main()
 
 
 def last_validation(work_dir: str) -> Optional[dict]:

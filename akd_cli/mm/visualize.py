@@ -22,7 +22,7 @@ class VisualizeRequest:
     image: str
     out: str
     teacher_checkpoint: Optional[str] = None
-    avatars: Optional[int] = None
+    num_avatars: Optional[int] = None
     levels: Optional[List[int]] = None
     seed: int = 0
     detections: bool = True
@@ -64,10 +64,9 @@ def visualize(request: VisualizeRequest) -> List[str]:
     import akd_cli.mm.distiller  # noqa: F401
     from akd_cli.core import make_avatar
     from akd_cli.core.uncertainty import AvatarWeigher
-    from akd_cli.mm.checkpoints import student_state_dict
+    from akd_cli.mm.checkpoints import load_checked, load_state_dict, load_weights, student_state_dict
     from akd_cli.mm.config import build_config
-    from akd_cli.mm.distiller import load_checked, load_weights
-    from akd_cli.mm.evaluate import _load_state_dict
+    from akd_cli.options import TrainOptions
     from akd_cli.presets import load_preset
     from mmdet.models import build_detector
 
@@ -80,26 +79,24 @@ def visualize(request: VisualizeRequest) -> List[str]:
     teacher_ckpt = request.teacher_checkpoint or preset.teacher.checkpoint
     if not teacher_ckpt:
         raise UserError(f"preset {preset.name} has no teacher checkpoint: pass --teacher-checkpoint")
-    cfg = build_config(preset, teacher_checkpoint=teacher_ckpt)
+    cfg = build_config(preset, TrainOptions(preset=request.preset, teacher_checkpoint=teacher_ckpt))
     model = build_detector(cfg.model)
-    weights = student_state_dict(_load_state_dict(request.checkpoint))
+    weights = student_state_dict(load_state_dict(request.checkpoint))
     load_checked(model.student, weights, request.checkpoint, "student")
     load_weights(model.teacher, teacher_ckpt, "teacher")
     model.eval()
     classes = cfg.data.test.get("classes") or getattr(model.student, "CLASSES", None)
     model.CLASSES = classes
     img, metas = _prepare_image(cfg, request.image)
-    num_avatars = preset.num_avatars if request.avatars is None else request.avatars
+    num_avatars = preset.num_avatars if request.num_avatars is None else request.num_avatars
     out = Path(request.out)
     out.mkdir(parents=True, exist_ok=True)
     written: List[str] = []
     with torch.no_grad():
-        model.student_recorder.start()
-        model.student.forward_dummy(img)
-        model.student_recorder.stop()
-        model.teacher_recorder.start()
-        model.teacher.forward_dummy(img)
-        model.teacher_recorder.stop()
+        with model.student_recorder:
+            model.student.forward_dummy(img)
+        with model.teacher_recorder:
+            model.teacher.forward_dummy(img)
         torch.manual_seed(request.seed)
         size = original.shape[:2]
         rgb = mmcv.bgr2rgb(original)

@@ -1,0 +1,27 @@
+"""Every name list of akd, in one place: the core, the presets, the configs and the CLI all read
+them from here (typer's choices too), so a new base loss or mode is added once.
+
+Standard library only: the CLI imports this for `akd --help`.
+"""
+from __future__ import annotations
+
+# Feature-distillation base losses (akd_cli.core.losses.BASE_LOSSES has one class per name).
+BASE_LOSSES = ("cwd", "mgd", "maskd", "fgd", "pkd", "mse")
+# What a run distils with: a base loss, or "none" (the student baseline, no teacher).
+METHODS = BASE_LOSSES + ("none",)
+# How the Avatars' uncertainty enters the loss (akd_cli.core.uncertainty).
+UNCERTAINTY_MODES = ("variance", "bn", "none")
+# How an Avatar is drawn from the teacher feature (akd_cli.core.avatars).
+PERTURBATIONS = ("dropout", "channel", "noise")
+# Where the workers run: "auto" is CUDA when torch sees a GPU, else the CPU.
+DEVICES = ("auto", "cuda", "cpu")
+# Who starts the workers: akd itself (torch.distributed, one process per GPU) or Slurm's srun.
+LAUNCHERS = ("pytorch", "slurm")
+# What a training run trains: the distilled student, the preset's teacher alone, or MasKD's tokens.
+RUN_KINDS = ("student", "teacher", "tokens")
+# How `akd eval` and `akd table` label a measured checkpoint.
+EVAL_ROLES = ("teacher", "baseline", "kd", "akd")
+# Printed forms of `akd table`.
+TABLE_FORMATS = ("markdown", "csv", "json")
+# The two tables of the paper (AvatarKD README), and the section of the tiny presets.
+PAPER_TABLES = ("baseline", "stronger")
