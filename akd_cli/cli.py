@@ -157,6 +157,7 @@ def _choices(name: str, values) -> type:
 
 Method = _choices("Method", names.METHODS)
 Uncertainty = _choices("Uncertainty", names.UNCERTAINTY_MODES)
+Weighting = _choices("Weighting", names.AVATAR_WEIGHTINGS)
 Perturbation = _choices("Perturbation", names.PERTURBATIONS)
 Device = _choices("Device", names.DEVICES)
 Launcher = _choices("Launcher", names.LAUNCHERS)
@@ -178,7 +179,8 @@ _TEACHER_CKPT = typer.Option(None, "--teacher-checkpoint", help="Teacher weights
 _METHOD = typer.Option(None, "--method", help="Base loss, or none (the student baseline).")
 _AVATARS = typer.Option(None, "--num-avatars", "--avatars", min=0, max=64, help="Avatars per level (0: the plain base loss).")
 _DROP = typer.Option(None, "--drop-rate", min=0.0, max=0.99, help="Avatar perturbation strength in [0, 1).")
-_UNC = typer.Option(None, "--uncertainty", help="Uncertainty factor of the Avatars.")
+_UNC = typer.Option(None, "--uncertainty", help="Uncertainty factor: the paper's sigma, the release's computation, or none.")
+_WEIGHTING = typer.Option(None, "--weighting", help="How several Avatars combine: their mean, or akd's inverse-variance weights.")
 _PERTURB = typer.Option(None, "--perturbation", help="How an Avatar is drawn from the teacher feature.")
 _EPOCHS = typer.Option(None, "--epochs", min=1, max=1000, help="Training epochs (default: the preset's schedule).")
 _BATCH = typer.Option(None, "--batch-size", min=1, max=1024, help="Images per GPU (per worker).")
@@ -211,8 +213,8 @@ def config_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing."),
     data_root: Optional[Path] = _DATA_ROOT, teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
     method: Optional[Method] = _METHOD, num_avatars: Optional[int] = _AVATARS, drop_rate: Optional[float] = _DROP,
-    uncertainty: Optional[Uncertainty] = _UNC, perturbation: Optional[Perturbation] = _PERTURB,
-    epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH,
+    uncertainty: Optional[Uncertainty] = _UNC, weighting: Optional[Weighting] = _WEIGHTING,
+    perturbation: Optional[Perturbation] = _PERTURB, epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH,
     cfg_options: Optional[List[str]] = _CFG_OPTS,
     train_teacher: bool = _TRAIN_TEACHER, learn_tokens: bool = _LEARN_TOKENS, token_file: Optional[str] = _TOKENS,
     iters: Optional[int] = _ITERS,
@@ -224,7 +226,7 @@ def config_command(
         raise UserError("--preset is required (see 'akd presets')")
     options = TrainOptions(
         preset=preset, data_root=_path(data_root), teacher_checkpoint=teacher_checkpoint, method=_value(method),
-        num_avatars=num_avatars, drop_rate=drop_rate, uncertainty=_value(uncertainty),
+        num_avatars=num_avatars, drop_rate=drop_rate, uncertainty=_value(uncertainty), weighting=_value(weighting),
         perturbation=_value(perturbation), epochs=epochs, batch_size=batch_size, cfg_options=_cfg_options(cfg_options),
         kind=_kind(train_teacher, learn_tokens), token_file=token_file, iters=iters)
     from akd_cli.mm.config import dump_config
@@ -257,7 +259,8 @@ def train_command(
     partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition, with --launcher slurm."),
     batch_size: Optional[int] = _BATCH, epochs: Optional[int] = _EPOCHS, num_avatars: Optional[int] = _AVATARS,
     drop_rate: Optional[float] = _DROP, uncertainty: Optional[Uncertainty] = _UNC,
-    perturbation: Optional[Perturbation] = _PERTURB, method: Optional[Method] = _METHOD,
+    weighting: Optional[Weighting] = _WEIGHTING, perturbation: Optional[Perturbation] = _PERTURB,
+    method: Optional[Method] = _METHOD,
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed (the same on every worker)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic cuDNN kernels."),
     amp: bool = typer.Option(False, "--amp", help="Mixed precision (CUDA only)."),
@@ -278,7 +281,8 @@ def train_command(
     options = TrainOptions(
         preset=preset, config=_path(config), data_root=_path(data_root), work_dir=_path(work_dir),
         teacher_checkpoint=teacher_checkpoint, method=_value(method), num_avatars=num_avatars, drop_rate=drop_rate,
-        uncertainty=_value(uncertainty), perturbation=_value(perturbation), epochs=epochs, batch_size=batch_size,
+        uncertainty=_value(uncertainty), weighting=_value(weighting), perturbation=_value(perturbation),
+        epochs=epochs, batch_size=batch_size,
         cfg_options=_cfg_options(cfg_options), kind=_kind(train_teacher, learn_tokens), token_file=token_file,
         iters=iters, seed=seed, deterministic=deterministic, amp=amp, resume=resume, validate=validate,
         verbose=verbose, trust_checkpoint=trust_checkpoint, launch=plan)
@@ -384,10 +388,11 @@ def _print_rich_tables(rows) -> None:
         if not section:
             continue
         table = Table(title=title, title_justify="left", caption="paper / ours (ours - paper)", caption_justify="left")
-        for column in results.HEADER:
+        columns = results.header(section)
+        for column in columns:
             table.add_column(column, justify="left" if column in ("Student", "Teacher", "Base loss") else "right")
         for row in section:
-            table.add_row(*results.row_cells(row))
+            table.add_row(*results.row_cells(row, columns))
         _print_table(console, table)
 
 
@@ -432,7 +437,7 @@ def demo_command(
     device: Device = _DEVICE,
     force: bool = typer.Option(False, "--force", help="Replace the runs of an earlier demo in --out."),
 ) -> None:
-    """The embedded demo: synthetic data, a tiny teacher, and one student trained three ways."""
+    """The embedded demo: synthetic data, a tiny teacher, and one student trained four ways."""
     from akd_cli.mm.demo import DemoSpec, run_demo, summary_lines, write_table
 
     console = _console()

@@ -9,8 +9,10 @@ from __future__ import annotations
 BASE_LOSSES = ("cwd", "mgd", "maskd", "fgd", "pkd", "mse")
 # What a run distils with: a base loss, or "none" (the student baseline, no teacher).
 METHODS = BASE_LOSSES + ("none",)
-# How the Avatars' uncertainty enters the loss (akd_cli.core.uncertainty).
-UNCERTAINTY_MODES = ("variance", "bn", "none")
+# The uncertainty factor (akd_cli.core.uncertainty): the paper's sigma, the release's computation, none.
+UNCERTAINTY_MODES = ("paper", "release", "none")
+# How several Avatars combine: their mean (the paper's E_k), or akd's inverse-variance weights.
+AVATAR_WEIGHTINGS = ("mean", "inverse_variance")
 # How an Avatar is drawn from the teacher feature (akd_cli.core.avatars).
 PERTURBATIONS = ("dropout", "channel", "noise")
 # Where the workers run: "auto" is CUDA when torch sees a GPU, else the CPU.
@@ -19,8 +21,9 @@ DEVICES = ("auto", "cuda", "cpu")
 LAUNCHERS = ("pytorch", "slurm")
 # What a training run trains: the distilled student, the preset's teacher alone, or MasKD's tokens.
 RUN_KINDS = ("student", "teacher", "tokens")
-# How `akd eval` and `akd table` label a measured checkpoint.
-EVAL_ROLES = ("teacher", "baseline", "kd", "akd")
+# How `akd eval` and `akd table` label a measured checkpoint: akd is AKD with the preset's factor
+# (the release's, which produced the paper's numbers), akd-paper AKD with the paper's sigma.
+EVAL_ROLES = ("teacher", "baseline", "kd", "akd", "akd-paper")
 # Printed forms of `akd table`.
 TABLE_FORMATS = ("markdown", "csv", "json")
 # The two tables of the paper (AvatarKD README), and the section of the tiny presets.

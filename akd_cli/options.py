@@ -70,6 +70,7 @@ class TrainOptions:
     num_avatars: Optional[int] = None
     drop_rate: Optional[float] = None
     uncertainty: Optional[str] = None     # names.UNCERTAINTY_MODES
+    weighting: Optional[str] = None       # names.AVATAR_WEIGHTINGS
     perturbation: Optional[str] = None    # names.PERTURBATIONS
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
@@ -91,6 +92,7 @@ class TrainOptions:
             raise UserError("give exactly one of --preset or --config")
         _one_of(self.method, names.METHODS, "--method")
         _one_of(self.uncertainty, names.UNCERTAINTY_MODES, "--uncertainty")
+        _one_of(self.weighting, names.AVATAR_WEIGHTINGS, "--weighting")
         _one_of(self.perturbation, names.PERTURBATIONS, "--perturbation")
         _one_of(self.kind, names.RUN_KINDS, "the run kind")
         _in_range(self.num_avatars, 0, 64, "--num-avatars")

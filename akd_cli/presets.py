@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from akd_cli.errors import UserError
-from akd_cli.names import BASE_LOSSES, PAPER_TABLES, PERTURBATIONS, UNCERTAINTY_MODES
+from akd_cli.names import AVATAR_WEIGHTINGS, BASE_LOSSES, PAPER_TABLES, PERTURBATIONS, UNCERTAINTY_MODES
 
 PRESET_DIR = Path(os.environ.get("AKD_PRESET_DIR", Path(__file__).resolve().parent.parent / "presets"))
 
@@ -52,8 +52,10 @@ class Preset:
     features: List[FeatureSpec]
     num_avatars: int = 1
     drop_rate: float = 0.1
-    uncertainty: str = "variance"
+    uncertainty: str = "release"
+    weighting: str = "mean"
     perturbation: str = "dropout"
+    sigma_momentum: float = 0.1
     epochs: int = 24
     data: Dict[str, Any] = field(default_factory=dict)
     table: Optional[str] = None
@@ -165,8 +167,14 @@ def load_preset_file(path: Path) -> Preset:
     avatars = _get(raw, "avatars", dict, path, "", required=False, default={})
     num = _get(avatars, "num", int, path, "avatars", required=False, default=1)
     drop_rate = _get(avatars, "drop_rate", float, path, "avatars", required=False, default=0.1)
-    uncertainty = _get(avatars, "uncertainty", str, path, "avatars", required=False, default="variance")
+    unknown = set(avatars) - {"num", "drop_rate", "uncertainty", "weighting", "perturbation", "sigma_momentum"}
+    if unknown:
+        _fail(path, f"avatars.{sorted(unknown)[0]}", "unknown field (allowed: drop_rate, num, perturbation, "
+              "sigma_momentum, uncertainty, weighting)")
+    uncertainty = _get(avatars, "uncertainty", str, path, "avatars", required=False, default="release")
+    weighting = _get(avatars, "weighting", str, path, "avatars", required=False, default="mean")
     perturbation = _get(avatars, "perturbation", str, path, "avatars", required=False, default="dropout")
+    sigma_momentum = _get(avatars, "sigma_momentum", float, path, "avatars", required=False, default=0.1)
     if num < 0:
         _fail(path, "avatars.num", f"must be >= 0, got {num}")
     if not 0 <= drop_rate < 1:
@@ -175,6 +183,10 @@ def load_preset_file(path: Path) -> Preset:
         _fail(path, "avatars.uncertainty", f"unknown mode {uncertainty!r} (one of {', '.join(UNCERTAINTY_MODES)})")
     if perturbation not in PERTURBATIONS:
         _fail(path, "avatars.perturbation", f"unknown {perturbation!r} (one of {', '.join(PERTURBATIONS)})")
+    if weighting not in AVATAR_WEIGHTINGS:
+        _fail(path, "avatars.weighting", f"unknown {weighting!r} (one of {', '.join(AVATAR_WEIGHTINGS)})")
+    if not 0 < sigma_momentum <= 1:
+        _fail(path, "avatars.sigma_momentum", f"must be in (0, 1], got {sigma_momentum}")
     schedule = _get(raw, "schedule", dict, path, "", required=False, default={})
     epochs = _get(schedule, "epochs", int, path, "schedule", required=False, default=24)
     if epochs < 1:
@@ -187,7 +199,7 @@ def load_preset_file(path: Path) -> Preset:
         student=_model(raw, "student", path), teacher=_model(raw, "teacher", path),
         method=method, options=_get(distill, "options", dict, path, "distill", required=False, default={}),
         features=_features(distill, path), num_avatars=num, drop_rate=drop_rate, uncertainty=uncertainty,
-        perturbation=perturbation, epochs=epochs,
+        weighting=weighting, perturbation=perturbation, sigma_momentum=sigma_momentum, epochs=epochs,
         data=_get(raw, "data", dict, path, "", required=False, default={}), table=table,
         table_row=_get(raw, "table_row", int, path, "", required=False, default=0),
         reference_akd_map=_get(raw, "reference_akd_map", float, path, "", required=False),

@@ -97,17 +97,26 @@ def _cell(paper: Optional[float], ours: Optional[float]) -> str:
 
 
 HEADER = ("Student", "Teacher", "Base loss", "Student mAP", "Teacher mAP", "KD mAP", "AvatarKD mAP")
+PAPER_SIGMA_COLUMN = "AvatarKD, paper's sigma"
 
 
-def row_cells(row: Row) -> List[str]:
+def header(rows: List[Row]) -> Tuple[str, ...]:
+    """The table's columns: the paper's, and ours with the paper's sigma when anything measured it."""
+    return HEADER + ((PAPER_SIGMA_COLUMN,) if any("akd-paper" in r.ours for r in rows) else ())
+
+
+def row_cells(row: Row, columns: Tuple[str, ...] = HEADER) -> List[str]:
     p = row.preset
     method = row.methods.get("akd") or row.methods.get("kd") or p.method
     avatars = f", {p.num_avatars} Avatar{'s' if p.num_avatars != 1 else ''}"
-    return [p.student.name or p.name, p.teacher.name or "-", METHOD_NAMES.get(method, method) + avatars,
-            _cell(p.student.reference_map, row.ours.get("baseline")),
-            _cell(p.teacher.reference_map, row.ours.get("teacher")),
-            _cell(None, row.ours.get("kd")),
-            _cell(p.reference_akd_map, row.ours.get("akd"))]
+    cells = [p.student.name or p.name, p.teacher.name or "-", METHOD_NAMES.get(method, method) + avatars,
+             _cell(p.student.reference_map, row.ours.get("baseline")),
+             _cell(p.teacher.reference_map, row.ours.get("teacher")),
+             _cell(None, row.ours.get("kd")),
+             _cell(p.reference_akd_map, row.ours.get("akd"))]
+    if PAPER_SIGMA_COLUMN in columns:  # the paper's tables have no such column: ours alone
+        cells.append(_cell(None, row.ours.get("akd-paper")))
+    return cells
 
 
 def render_markdown(rows: List[Row]) -> str:
@@ -117,8 +126,9 @@ def render_markdown(rows: List[Row]) -> str:
         section = [r for r in rows if r.section == key]
         if not section:
             continue
-        lines += ["", f"**{title}**", "", "| " + " | ".join(HEADER) + " |", "|" + "|".join(":---:" for _ in HEADER) + "|"]
-        lines += ["| " + " | ".join(row_cells(r)) + " |" for r in section]
+        columns = header(section)
+        lines += ["", f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "|".join(":---:" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(row_cells(r, columns)) + " |" for r in section]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,7 @@ import torch
 from akd_cli import AKDLoss
 from akd_cli.core import BASE_LOSSES, make_avatar
 from akd_cli.core.losses import CWDLoss, FGDLoss, MasKDLoss, MGDLoss, MSELoss, PKDLoss
-from akd_cli.core.uncertainty import avatar_uncertainty, standardise
+from akd_cli.core.uncertainty import avatar_uncertainty
 
 CHANNELS, LEVELS = 8, 2
 
@@ -276,35 +276,195 @@ def test_no_avatars_is_the_plain_base_loss(base):
 
 
 @pytest.mark.parametrize("base", sorted(BASE_LOSSES))
-@pytest.mark.parametrize("uncertainty", ["variance", "none"])
+@pytest.mark.parametrize("uncertainty, weighting", [("paper", "mean"), ("none", "inverse_variance"), ("none", "mean")])
 @pytest.mark.parametrize("num_avatars", [1, 3, 8])
-def test_drop_rate_zero_equals_the_base_loss(base, uncertainty, num_avatars):
+def test_drop_rate_zero_equals_the_base_loss(base, uncertainty, weighting, num_avatars):
     student, teacher = features()
     torch.manual_seed(0)
-    akd = AKDLoss(base=base, num_avatars=num_avatars, drop_rate=0.0, uncertainty=uncertainty, **base_kwargs(base))
+    akd = AKDLoss(base=base, num_avatars=num_avatars, drop_rate=0.0, uncertainty=uncertainty, weighting=weighting,
+                  **base_kwargs(base))
     plain = AKDLoss(base=base, num_avatars=0, **base_kwargs(base))
-    plain.load_state_dict(akd.state_dict())
+    plain.base_losses.load_state_dict(akd.base_losses.state_dict())
     torch.manual_seed(1)
     got = akd(student, teacher, **context(base))
     torch.manual_seed(1)
     assert torch.allclose(got, plain(student, teacher, **context(base)), rtol=1e-5, atol=1e-7)
 
 
-def test_bn_mode_at_drop_rate_zero_is_the_base_loss_on_standardised_features():
+# --- the release's factor, against a transcription of its formulas -----------------------------
+# Gumpest/AvatarKD:mmrazor/models/losses/akd_{cwd,mgd,maskd}.py, written out again on small tensors.
+
+def _release_bn(x):
+    """nn.BatchNorm2d(C, affine=False) in training mode: batch mean, biased variance, eps 1e-5."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+def test_release_cwd_standardises_the_student_and_keeps_the_avatar_raw():
+    import torch.nn.functional as F
+
     student, teacher = features()
-    got = AKDLoss(base="cwd", num_avatars=2, drop_rate=0.0, uncertainty="bn")(student, teacher)
-    expected = sum(CWDLoss()(standardise(s), standardise(t)) for s, t in zip(student, teacher))
-    assert torch.allclose(got, expected, rtol=1e-5)
+    torch.manual_seed(3)
+    got = AKDLoss(base="cwd", num_avatars=1, drop_rate=0.1, uncertainty="release", tau=2.0, loss_weight=3.0)(
+        student, teacher)
+    torch.manual_seed(3)
+    expected = 0.0
+    for s, t in zip(student, teacher):
+        n, c, h, w = s.shape
+        multi_t = F.dropout(t, p=0.1, training=True)
+        s = _release_bn(s)
+        p_t = F.softmax(multi_t.reshape(-1, h * w) / 2.0, dim=1)
+        cost = torch.sum(p_t * F.log_softmax(multi_t.reshape(-1, h * w) / 2.0, dim=1)
+                         - p_t * F.log_softmax(s.reshape(-1, h * w) / 2.0, dim=1)) * 2.0 ** 2
+        expected = expected + cost / (c * n)
+    assert got.item() == pytest.approx(3.0 * expected.item(), rel=1e-5)
 
 
-def test_bn_mode_statistics_are_not_mixed_and_fit_any_channel_count():
-    student = [torch.randn(2, 256, 8, 8) * 5 + 3, torch.randn(2, 64, 4, 4)]
-    teacher = [torch.randn(2, 256, 8, 8), torch.randn(2, 64, 4, 4) * 0.1]
-    loss = AKDLoss(base="mse", num_avatars=1, drop_rate=0.0, uncertainty="bn", loss_weight=1.0)
-    got = loss(student, teacher)
-    # standardised independently, then compared: the student's scale and shift do not leak
-    expected = sum(MSELoss()(standardise(s), standardise(t)) for s, t in zip(student, teacher))
-    assert torch.allclose(got, expected, rtol=1e-5)
+def test_release_mgd_standardises_student_and_avatar_before_generation():
+    import torch.nn.functional as F
+
+    student, teacher = features()
+    torch.manual_seed(0)
+    akd = AKDLoss(base="mgd", num_avatars=1, drop_rate=0.1, uncertainty="release", channels=CHANNELS,
+                  num_levels=LEVELS, alpha_mgd=2e-5, lambda_mgd=0.0)
+    torch.manual_seed(5)
+    got = akd(student, teacher)
+    torch.manual_seed(5)
+    expected = 0.0
+    for level, (s, t) in enumerate(zip(student, teacher)):
+        n, _, h, w = t.shape
+        torch.rand((n, 1, h, w))  # akd draws MGD's mask first; at lambda 0 it keeps every position
+        a = _release_bn(F.dropout(t, p=0.1, training=True))
+        generated = akd.base_losses[level].generation(_release_bn(s))
+        expected = expected + ((generated - a) ** 2).sum() / n
+    assert got.item() == pytest.approx(2e-5 * expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("after", [None, 0])
+def test_release_maskd_aligns_then_standardises_and_masks_from_the_standardised_avatar(after):
+    import torch.nn.functional as F
+
+    student, teacher = features()
+    torch.manual_seed(0)
+    akd = AKDLoss(base="maskd", num_avatars=1, drop_rate=0.1, uncertainty="release", channels=CHANNELS,
+                  num_levels=LEVELS, num_tokens=3, loss_weight=7.0, align=True, student_masks_after=after)
+    torch.manual_seed(9)
+    got = akd(student, teacher)
+    torch.manual_seed(9)
+    expected = 0.0
+    for level, (s, t) in enumerate(zip(student, teacher)):
+        loss = akd.base_losses[level]
+        y_s = _release_bn(loss.align(s))
+        y_t = _release_bn(F.dropout(t, p=0.1, training=True))
+        mask = loss.tokens.masks(y_t)                                        # N x T x H x W
+        if after is not None:
+            mask = mask * loss.tokens.masks(y_s.detach())
+        masked = (y_s.unsqueeze(1) * mask.unsqueeze(2) - y_t.unsqueeze(1) * mask.unsqueeze(2)) ** 2
+        per_token = masked.sum((3, 4)) / mask.sum((2, 3)).unsqueeze(-1)         # N x T x C
+        expected = expected + (per_token.mean(-1) * loss.tokens.weights(y_t)).sum(-1).mean()
+    assert got.item() == pytest.approx(7.0 * expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("base", ["mgd", "maskd", "mse", "pkd", "cwd"])
+def test_release_factor_ignores_the_students_scale_and_shift(base):
+    """The student is standardised per channel: a positive per-channel affine map of it changes nothing."""
+    student, teacher = features()
+    scale = [torch.rand(1, CHANNELS, 1, 1) * 3 + 0.5 for _ in student]
+    shifted = [s * k + 2.0 for s, k in zip(student, scale)]
+    values = []
+    for feats in (student, shifted):
+        torch.manual_seed(0)
+        akd = AKDLoss(base=base, num_avatars=2, uncertainty="release", **base_kwargs(base))
+        torch.manual_seed(1)
+        values.append(akd(feats, teacher, **context(base)).item())
+    assert values[0] == pytest.approx(values[1], rel=1e-3)
+
+
+# --- the paper's factor -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3])
+def test_paper_sigma_is_the_dropout_closed_form(p):
+    """sigma_c^2 = E[(a - T)_c^2] = p / (1 - p) * E[T_c^2] for element-wise dropout of rate p."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(4, 6, 48, 48, generator=g) * torch.arange(1.0, 7.0).view(1, 6, 1, 1) + 0.5
+    student = torch.randn_like(teacher, requires_grad=True)
+    akd = AKDLoss(base="mse", num_avatars=4, drop_rate=p, uncertainty="paper", channels=6, num_levels=1)
+    torch.manual_seed(0)
+    akd(student, teacher)
+    closed_form = (p / (1 - p) * teacher.pow(2).mean(dim=(0, 2, 3))).sqrt()
+    assert torch.allclose(akd.running_sigma(0), closed_form, rtol=0.03)
+
+
+def test_paper_factor_divides_avatars_and_student_by_the_batch_sigma():
+    """The paper's L = E_k L_distill(a_k / sigma, S / sigma), written out: sigma from this step's
+    Avatars (the running estimate's first value), the same Avatars in the loss."""
+    student, teacher = features()
+    torch.manual_seed(2)
+    got = AKDLoss(base="cwd", num_avatars=3, drop_rate=0.2, uncertainty="paper")(student, teacher)
+    torch.manual_seed(2)
+    expected = 0.0
+    for s, t in zip(student, teacher):
+        state = torch.random.get_rng_state()
+        avatars = [make_avatar(t, "dropout", 0.2) for _ in range(3)]
+        sigma2 = torch.stack([(a - t).pow(2).mean(dim=(0, 2, 3)) for a in avatars]).mean(0)
+        sigma = torch.sqrt(sigma2 + 1e-6 * sigma2.mean()).view(1, -1, 1, 1)
+        torch.random.set_rng_state(state)
+        avatars = [make_avatar(t, "dropout", 0.2) for _ in range(3)]
+        expected = expected + sum(CWDLoss()(s / sigma, a / sigma) for a in avatars) / 3
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("base", ["mse", "mgd", "maskd", "cwd"])
+def test_paper_factor_is_invariant_to_a_common_per_channel_scale(base):
+    """sigma scales with the features: scaling teacher and student by the same positive per-channel
+    factor leaves a / sigma and S / sigma, hence the loss, unchanged."""
+    student, teacher = features()
+    scale = [torch.rand(1, CHANNELS, 1, 1) * 4 + 0.25 for _ in student]
+    values = []
+    for k in (None, scale):
+        s_in = student if k is None else [s * f for s, f in zip(student, k)]
+        t_in = teacher if k is None else [t * f for t, f in zip(teacher, k)]
+        torch.manual_seed(0)
+        akd = AKDLoss(base=base, num_avatars=2, drop_rate=0.2, uncertainty="paper", **base_kwargs(base))
+        torch.manual_seed(1)
+        values.append(akd(s_in, t_in).item())
+    assert values[0] == pytest.approx(values[1], rel=1e-4)
+
+
+def test_paper_running_sigma_follows_its_momentum_is_kept_in_the_state_and_frozen_in_eval():
+    student, teacher = features()
+    akd = AKDLoss(base="mse", num_avatars=2, drop_rate=0.2, uncertainty="paper", sigma_momentum=0.25,
+                  channels=CHANNELS, num_levels=LEVELS)
+    batches = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        fresh = AKDLoss(base="mse", num_avatars=2, drop_rate=0.2, uncertainty="paper")
+        fresh([s * (1 + seed) for s in student], [t * (1 + seed) for t in teacher])
+        batches.append(fresh.sigma2_0.clone())
+        torch.manual_seed(seed)
+        akd([s * (1 + seed) for s in student], [t * (1 + seed) for t in teacher])
+    assert torch.allclose(akd.sigma2_0, 0.75 * batches[0] + 0.25 * batches[1], rtol=1e-5)
+    state = akd.state_dict()
+    assert {"sigma2_0", "sigma2_1", "sigma_steps_0", "sigma_steps_1"} <= set(state) and int(state["sigma_steps_0"]) == 2
+    restored = AKDLoss(base="mse", num_avatars=2, drop_rate=0.2, uncertainty="paper", sigma_momentum=0.25,
+                       channels=CHANNELS, num_levels=LEVELS)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.sigma2_1, akd.sigma2_1)
+    restored.eval()
+    restored(student, teacher)
+    assert torch.equal(restored.sigma2_1, akd.sigma2_1) and int(restored.sigma_steps_1) == 2
+
+
+def test_paper_factor_draws_the_same_avatars_as_without_it():
+    """sigma's pass rewinds the generator: the loss sees the Avatars a run without the factor would."""
+    student, teacher = features()
+    torch.manual_seed(4)
+    AKDLoss(base="mse", num_avatars=3, uncertainty="paper")(student, teacher)
+    after_paper = torch.rand(3)
+    torch.manual_seed(4)
+    AKDLoss(base="mse", num_avatars=3, uncertainty="none")(student, teacher)
+    assert torch.equal(after_paper, torch.rand(3))
 
 
 def _independent_weights(teacher, avatars):
@@ -323,7 +483,7 @@ def _independent_weights(teacher, avatars):
 @pytest.mark.parametrize("num_avatars", [1, 2, 5])
 def test_fused_equals_an_independent_per_avatar_loop(base, num_avatars):
     student, teacher = features()
-    akd = AKDLoss(base=base, num_avatars=num_avatars, drop_rate=0.3, uncertainty="variance")
+    akd = AKDLoss(base=base, num_avatars=num_avatars, drop_rate=0.3, uncertainty="none", weighting="inverse_variance")
     torch.manual_seed(11)
     fused = akd(student, teacher)
     torch.manual_seed(11)
@@ -341,14 +501,15 @@ def test_fused_equals_an_independent_per_avatar_loop(base, num_avatars):
 
 
 @pytest.mark.parametrize("base", sorted(BASE_LOSSES))
-@pytest.mark.parametrize("uncertainty", ["variance", "bn", "none"])
+@pytest.mark.parametrize("uncertainty", ["paper", "release", "none"])
+@pytest.mark.parametrize("weighting", ["mean", "inverse_variance"])
 @pytest.mark.parametrize("perturbation", ["dropout", "channel", "noise"])
-def test_fused_equals_naive_for_every_mode(base, uncertainty, perturbation):
+def test_fused_equals_naive_for_every_mode(base, uncertainty, weighting, perturbation):
     student, teacher = features()
     values, grads = [], []
     for fused in (True, False):
         torch.manual_seed(0)
-        akd = AKDLoss(base=base, num_avatars=4, drop_rate=0.2, uncertainty=uncertainty,
+        akd = AKDLoss(base=base, num_avatars=4, drop_rate=0.2, uncertainty=uncertainty, weighting=weighting,
                       perturbation=perturbation, fused=fused, **base_kwargs(base))
         torch.manual_seed(1)
         loss = akd(student, teacher, **context(base))
@@ -359,10 +520,11 @@ def test_fused_equals_naive_for_every_mode(base, uncertainty, perturbation):
         assert torch.allclose(g_fused, g_naive, rtol=1e-4, atol=1e-7)
 
 
-def test_one_avatar_variance_is_the_base_loss_on_that_avatar():
+@pytest.mark.parametrize("weighting", ["mean", "inverse_variance"])
+def test_one_avatar_without_a_factor_is_the_base_loss_on_that_avatar(weighting):
     student, teacher = features()
     torch.manual_seed(4)
-    got = AKDLoss(base="cwd", num_avatars=1, drop_rate=0.4)(student, teacher)
+    got = AKDLoss(base="cwd", num_avatars=1, drop_rate=0.4, uncertainty="none", weighting=weighting)(student, teacher)
     torch.manual_seed(4)
     expected = sum(CWDLoss()(s, make_avatar(t, "dropout", 0.4)) for s, t in zip(student, teacher))
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -382,10 +544,12 @@ def test_uncertainty_favours_the_avatar_closer_to_the_teacher():
 # --- gradients, determinism, cost ---------------------------------------------------------------
 
 @pytest.mark.parametrize("base", sorted(BASE_LOSSES))
-def test_gradient_reaches_the_student_and_never_the_teacher(base):
+@pytest.mark.parametrize("uncertainty", ["paper", "release", "none"])
+def test_gradient_reaches_the_student_and_never_the_teacher(base, uncertainty):
     student, teacher = features()
     teacher = [t.clone().requires_grad_(True) for t in teacher]
-    loss = AKDLoss(base=base, num_avatars=2, **base_kwargs(base))(student, teacher, **context(base))
+    loss = AKDLoss(base=base, num_avatars=2, uncertainty=uncertainty, **base_kwargs(base))(student, teacher,
+                                                                                           **context(base))
     loss.backward()
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
     assert all(t.grad is None for t in teacher)
@@ -489,16 +653,19 @@ def _saved_bytes(fn):
 
 
 @pytest.mark.parametrize("base", ["cwd", "mse", "pkd", "mgd", "maskd"])
-def test_fused_memory_does_not_grow_with_avatars(base):
+@pytest.mark.parametrize("uncertainty", ["paper", "release", "none"])
+def test_fused_memory_does_not_grow_with_avatars(base, uncertainty):
     student, teacher = features()
-    kwargs = base_kwargs(base)
+    kwargs = dict(base_kwargs(base), uncertainty=uncertainty)
     cost = {k: _saved_bytes(lambda: AKDLoss(base=base, num_avatars=k, **kwargs)(student, teacher))
             for k in (1, 2, 8)}
     assert cost[8] == cost[2]
     looped = _saved_bytes(lambda: AKDLoss(base=base, num_avatars=8, fused=False, **kwargs)(student, teacher))
     assert looped > cost[2]
     # one Avatar is the base loss on it, whose memory is at most the fused form's
-    assert cost[1] <= cost[2] and cost[1] == _saved_bytes(lambda: AKDLoss(base=base, num_avatars=0, **kwargs)(student, teacher))
+    assert cost[1] <= cost[2]
+    if uncertainty == "none":  # and without a factor, exactly the plain loss's
+        assert cost[1] == _saved_bytes(lambda: AKDLoss(base=base, num_avatars=0, **kwargs)(student, teacher))
 
 
 # --- bad input ----------------------------------------------------------------------------------

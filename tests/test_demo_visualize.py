@@ -43,19 +43,24 @@ def small_demo(out):
 
 def metrics(out):
     return {role: json.loads((out / role / "metrics.json").read_text())["metrics"]
-            for role in ("teacher", "baseline", "kd", "akd")}
+            for role in ROLES}
+
+
+ROLES = ("teacher", "baseline", "kd", "akd", "akd-paper")
 
 
 def test_small_demo_runs_end_to_end_and_is_reproducible(tmp_path):
     first, second = tmp_path / "one", tmp_path / "two"
     result = small_demo(first)
-    for stage in ("[1/6] synthetic dataset", "[2/6] teacher", "no distillation", "base loss + Avatars", "[6/6] table"):
+    for stage in ("[1/7] synthetic dataset", "[2/7] teacher", "no distillation", "the release's factor",
+                  "the paper's sigma", "[7/7] table"):
         assert stage in result.stdout
     table = (first / "RESULTS.md").read_text()
     assert "<!-- akd-table:start -->" in table and "| FCOS-R18 (tiny) | FCOS-R34 (tiny) | CWD, 1 Avatar |" in table
-    roles = {role: json.loads((first / role / "metrics.json").read_text())["role"]
-             for role in ("teacher", "baseline", "kd", "akd")}
-    assert roles == {"teacher": "teacher", "baseline": "baseline", "kd": "kd", "akd": "akd"}
+    assert "AvatarKD, paper's sigma" in table
+    records = {role: json.loads((first / role / "metrics.json").read_text()) for role in ROLES}
+    assert {role: r["role"] for role, r in records.items()} == {role: role for role in ROLES}
+    assert (records["akd"]["uncertainty"], records["akd-paper"]["uncertainty"]) == ("release", "paper")
     teacher = torch.load(first / "teacher" / "student.pth", weights_only=True)["state_dict"]
     distilled = torch.load(first / "akd" / "latest.pth", weights_only=True)["state_dict"]
     assert all(torch.equal(distilled[f"teacher.{k}"], v) for k, v in teacher.items())

@@ -15,13 +15,14 @@ from conftest import TINY, run_akd
 
 
 def test_every_layer_takes_its_names_from_one_list():
-    from akd_cli import cli, presets
+    from akd_cli import AKDLoss, cli, presets
     from akd_cli.core import losses, uncertainty
     from akd_cli.core.avatars import make_avatar
 
     assert tuple(losses.BASE_LOSSES) == names.BASE_LOSSES
     assert names.METHODS == names.BASE_LOSSES + ("none",)
     for choice, values in ((cli.Method, names.METHODS), (cli.Uncertainty, names.UNCERTAINTY_MODES),
+                           (cli.Weighting, names.AVATAR_WEIGHTINGS),
                            (cli.Perturbation, names.PERTURBATIONS), (cli.Device, names.DEVICES),
                            (cli.Launcher, names.LAUNCHERS), (cli.EvalRole, names.EVAL_ROLES),
                            (cli.TableFormat, names.TABLE_FORMATS)):
@@ -29,13 +30,17 @@ def test_every_layer_takes_its_names_from_one_list():
     teacher = torch.randn(2, 4, 5, 5)
     for perturbation in names.PERTURBATIONS:
         assert make_avatar(teacher, perturbation, 0.1).shape == teacher.shape
+    for weighting in names.AVATAR_WEIGHTINGS:
+        assert uncertainty.AvatarWeigher(teacher, weighting)(teacher).shape == (2,)
     for mode in names.UNCERTAINTY_MODES:
-        assert uncertainty.AvatarWeigher(teacher, mode)(teacher).shape == (2,)
+        assert torch.isfinite(AKDLoss(base="mse", num_avatars=2, uncertainty=mode)(teacher + 1, teacher))
     preset = presets.load_preset(TINY)
     assert preset.method in names.BASE_LOSSES and preset.uncertainty in names.UNCERTAINTY_MODES
+    assert preset.weighting in names.AVATAR_WEIGHTINGS
     # the help of `akd train` offers the very lists
     help_text = run_akd("train", "--help", env={"COLUMNS": "200"}).stdout
-    for values in (names.METHODS, names.UNCERTAINTY_MODES, names.PERTURBATIONS, names.DEVICES, names.LAUNCHERS):
+    for values in (names.METHODS, names.UNCERTAINTY_MODES, names.AVATAR_WEIGHTINGS, names.PERTURBATIONS,
+                   names.DEVICES, names.LAUNCHERS):
         assert "<" + "|".join(values) + ">" in help_text
 
 

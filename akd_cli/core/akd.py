@@ -6,9 +6,11 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from akd_cli.core.avatars import PERTURBATIONS, make_avatar
-from akd_cli.core.losses import BASE_LOSSES, build_base_losses
-from akd_cli.core.uncertainty import UNCERTAINTY_MODES, AvatarWeigher, standardise
+from akd_cli.core.avatars import make_avatar
+from akd_cli.core.losses import build_base_losses
+from akd_cli.core.uncertainty import (AvatarWeigher, inverse_sigma, squared_difference_per_channel, standardise,
+                                      update_running)
+from akd_cli.names import AVATAR_WEIGHTINGS, BASE_LOSSES, PERTURBATIONS, UNCERTAINTY_MODES
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -16,58 +18,69 @@ Features = Union[torch.Tensor, Sequence[torch.Tensor]]
 class AKDLoss(nn.Module):
     """Avatar Knowledge Distillation around a base loss.
 
-    >>> loss_fn = AKDLoss(base="cwd", num_avatars=2, drop_rate=0.1, uncertainty="variance", tau=1.0)
+    >>> loss_fn = AKDLoss(base="cwd", num_avatars=2, drop_rate=0.1, uncertainty="paper", tau=1.0)
     >>> loss = loss_fn(student_feats, teacher_feats)   # tensors or lists of N x C x H x W tensors
 
-    For each level, ``num_avatars`` Avatars are drawn from the (detached) teacher feature, each
-    weighted per image by the uncertainty factor (see ``akd_cli.core.uncertainty``), and the base
-    loss is taken between the student and the weighted Avatars. ``num_avatars=0`` is the plain base
-    loss between student and teacher: classic KD and AKD run the same code. ``num_avatars=1`` is the
-    base loss on one Avatar, whose factor is 1 in every mode (the paper's setting).
+    For each level, ``num_avatars`` Avatars are drawn from the (detached) teacher feature, the
+    uncertainty factor is applied to the Avatars and the student (see ``akd_cli.core.uncertainty``),
+    and the base loss is taken between the student and the Avatars, averaged over them (or weighted
+    per image, ``weighting="inverse_variance"``). ``num_avatars=0`` is the plain base loss between
+    student and teacher: classic KD and AKD run the same code.
 
     Args:
         base: one of ``cwd``, ``mgd``, ``maskd``, ``fgd``, ``pkd``, ``mse``.
         num_avatars: Avatars per level per call (0: no Avatars).
         drop_rate: perturbation strength in [0, 1): the dropout probability, or the relative noise
             std for ``perturbation="noise"``.
-        uncertainty: ``variance``, ``bn`` or ``none``.
-        perturbation: ``dropout`` (element-wise), ``channel`` or ``noise``.
-        channels: channels per level, for base losses with parameters (MGD, MasKD, FGD); an int
-            with ``num_levels``, or a list.
+        uncertainty: ``paper`` (sigma divides Avatars and student), ``release`` (the release's
+            per-loss standardisation) or ``none``.
+        weighting: ``mean`` or ``inverse_variance``: how several Avatars combine.
+        perturbation: ``dropout`` (element-wise; the paper's), ``channel`` or ``noise``.
+        sigma_momentum: momentum of the running sigma^2 of ``paper`` (the expectation over the data).
+        channels: channels per level, for base losses with parameters (MGD, MasKD, FGD) and for
+            ``paper``'s running estimate; an int with ``num_levels``, or a list.
         fused: combine Avatars before the student-side term where the base loss allows it (same
             value as the per-Avatar loop, memory independent of ``num_avatars``).
         **base_kwargs: the base loss's own options (``tau``, ``loss_weight``, ``alpha_mgd``, ...).
     """
 
     def __init__(self, base: str = "cwd", num_avatars: int = 1, drop_rate: float = 0.1,
-                 uncertainty: str = "variance", perturbation: str = "dropout",
-                 channels: Optional[Union[int, Sequence[int]]] = None, num_levels: Optional[int] = None,
-                 fused: bool = True, **base_kwargs):
+                 uncertainty: str = "release", weighting: str = "mean", perturbation: str = "dropout",
+                 sigma_momentum: float = 0.1, channels: Optional[Union[int, Sequence[int]]] = None,
+                 num_levels: Optional[int] = None, fused: bool = True, **base_kwargs):
         super().__init__()
         if isinstance(num_avatars, bool) or not isinstance(num_avatars, int) or num_avatars < 0:
             raise ValueError(f"num_avatars must be an integer >= 0, got {num_avatars!r}")
         if not (0.0 <= float(drop_rate) < 1.0):
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
-        if uncertainty not in UNCERTAINTY_MODES:
-            raise ValueError(f"unknown uncertainty {uncertainty!r}; expected one of {UNCERTAINTY_MODES}")
-        if perturbation not in PERTURBATIONS:
-            raise ValueError(f"unknown perturbation {perturbation!r}; expected one of {PERTURBATIONS}")
-        if base not in BASE_LOSSES:
-            raise ValueError(f"unknown base loss {base!r}; expected one of {sorted(BASE_LOSSES)}")
+        if not (0.0 < float(sigma_momentum) <= 1.0):
+            raise ValueError(f"sigma_momentum must be in (0, 1], got {sigma_momentum!r}")
+        for value, allowed, what in ((uncertainty, UNCERTAINTY_MODES, "uncertainty"),
+                                     (weighting, AVATAR_WEIGHTINGS, "weighting"),
+                                     (perturbation, PERTURBATIONS, "perturbation"), (base, BASE_LOSSES, "base loss")):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
         self.base_name = base
         self.num_avatars = num_avatars
         self.drop_rate = float(drop_rate)
         self.uncertainty = uncertainty
+        self.weighting = weighting
         self.perturbation = perturbation
+        self.sigma_momentum = float(sigma_momentum)
         self.fused = fused
         self.base_losses = build_base_losses(base, num_levels, channels, **base_kwargs)
+        if channels is not None and uncertainty == "paper":
+            per_level = [channels] * (num_levels or 1) if isinstance(channels, int) else list(channels)
+            for level, c in enumerate(per_level):
+                self._sigma_state(level, c, torch.device("cpu"))
 
     def extra_repr(self) -> str:
         return (f"base={self.base_name}, num_avatars={self.num_avatars}, drop_rate={self.drop_rate}, "
-                f"uncertainty={self.uncertainty}, perturbation={self.perturbation}, fused={self.fused}")
+                f"uncertainty={self.uncertainty}, weighting={self.weighting}, perturbation={self.perturbation}, "
+                f"fused={self.fused}")
 
     def forward(self, student: Features, teacher: Features, **context) -> torch.Tensor:
-        """Sum over levels of the (Avatar-weighted) base loss. ``context`` reaches the base loss
+        """Sum over levels of the base loss on the Avatars. ``context`` reaches the base loss
         (FGD's ``gt_bboxes`` and ``img_shape``)."""
         return torch.stack(self.per_level(student, teacher, **context)).sum()
 
@@ -75,6 +88,13 @@ class AKDLoss(nn.Module):
         students, teachers = self._validate(student, teacher)
         return [self._level_loss(i, s, t.detach(), **context)
                 for i, (s, t) in enumerate(zip(students, teachers))]
+
+    def running_sigma(self, level: int) -> Optional[torch.Tensor]:
+        """``paper``'s running sigma of a level (per channel), or None before its first step."""
+        steps = getattr(self, f"sigma_steps_{level}", None)
+        if steps is None or int(steps) == 0:
+            return None
+        return getattr(self, f"sigma2_{level}").sqrt()
 
     # ----------------------------------------------------------------------------------------
     def _base_for(self, level: int):
@@ -84,21 +104,28 @@ class AKDLoss(nn.Module):
         base = self._base_for(level)
         if self.num_avatars == 0:
             return base(student, teacher, **context)
-        if self.uncertainty == "bn":
+        student = base.align_student(student)
+        scale = None
+        if self.uncertainty == "paper" and self.drop_rate > 0.0:
+            scale = self._inverse_sigma(level, teacher).to(student.dtype)
+            student = student * scale
+        elif self.uncertainty == "release":
             student = standardise(student)
         prepared = base.prepare_student(student, **context)
         if self.num_avatars == 1:
-            # A lone Avatar's factor normalises to one in every mode: its loss is the base loss on
-            # it, with no uncertainty pass and no accumulator (the paper's setting, at its least cost).
-            return base.per_image(prepared, self._draw_avatar(teacher), **context).sum()
+            # One Avatar needs no weighting pass and no accumulator: its loss is the base loss on it.
+            avatar = self._as_seen(base, make_avatar(teacher, self.perturbation, self.drop_rate), scale)
+            return base.per_image(prepared, avatar, **context).sum()
         fuse = self.fused and base.fusable
         # Weights and accumulators stay in float32 whatever the features' dtype: the unnormalised
-        # weights exceed float16's range (1 / u is ~1e5 on real FPN maps), which under AMP made NaNs.
+        # inverse-variance weights exceed float16's range (1 / u is ~1e5 on real FPN maps).
         total_weight = weighted = weighted_constant = phi_dtype = phi = term = None
-        weigher = AvatarWeigher(teacher, self.uncertainty)
+        weigher = AvatarWeigher(teacher, self.weighting)
         for _ in range(self.num_avatars):
-            avatar = self._draw_avatar(teacher)
-            weight = weigher(avatar)                                               # N, float32
+            raw = make_avatar(teacher, self.perturbation, self.drop_rate)
+            weight = weigher(raw)                                                  # N, float32
+            avatar = self._as_seen(base, raw, scale)
+            raw = None
             if fuse:
                 phi, constant = base.target(prepared, avatar, **context)
                 phi_dtype = phi.dtype
@@ -121,11 +148,46 @@ class AKDLoss(nn.Module):
             return base.fused(prepared, phi_bar, weighted_constant / total_weight.double(), **context).sum()
         return (weighted / total_weight).sum()
 
-    def _draw_avatar(self, teacher: torch.Tensor) -> torch.Tensor:
-        """A fresh Avatar as the base loss sees it: standardised in ``bn`` mode (whose factor is 1
-        whatever the Avatar, so the weigher may see it standardised too)."""
-        avatar = make_avatar(teacher, self.perturbation, self.drop_rate)
-        return standardise(avatar) if self.uncertainty == "bn" else avatar
+    def _as_seen(self, base, avatar: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """The Avatar as the base loss takes it under the factor."""
+        if scale is not None:
+            return avatar * scale
+        if self.uncertainty == "release" and base.release_standardises_avatar:
+            return standardise(avatar)
+        return avatar
+
+    def _sigma_state(self, level: int, channels: int, device: torch.device):
+        """The running sigma^2 of a level and its step count: buffers, so checkpoints keep them."""
+        name = f"sigma2_{level}"
+        running = getattr(self, name, None)
+        if running is None or running.numel() != channels:
+            self.register_buffer(name, torch.zeros(channels, device=device))
+            self.register_buffer(f"sigma_steps_{level}", torch.zeros((), dtype=torch.long, device=device))
+        return getattr(self, name), getattr(self, f"sigma_steps_{level}")
+
+    def _inverse_sigma(self, level: int, teacher: torch.Tensor) -> torch.Tensor:
+        """1 / sigma per channel (1 x C x 1 x 1, float32, no gradient) for this step's Avatars."""
+        n, c, h, w = teacher.shape
+        with torch.no_grad():
+            # Draw this step's Avatars for their spread, then rewind the generator: the loss draws
+            # the very same Avatars again, so none has to be kept in memory meanwhile.
+            state = _rng_state(teacher.device)
+            total = torch.zeros(c, device=teacher.device, dtype=torch.float32)
+            for _ in range(self.num_avatars):
+                total += squared_difference_per_channel(make_avatar(teacher, self.perturbation, self.drop_rate),
+                                                        teacher)
+            _set_rng_state(teacher.device, state)
+            count = torch.tensor(float(self.num_avatars * n * h * w), device=teacher.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(total)
+                torch.distributed.all_reduce(count)
+            batch = total / count
+            running, steps = self._sigma_state(level, c, teacher.device)
+            if self.training:
+                sigma2 = update_running(running, batch, steps, self.sigma_momentum)
+            else:
+                sigma2 = running if int(steps) > 0 else batch
+            return inverse_sigma(sigma2).view(1, c, 1, 1)
 
     def _validate(self, student: Features, teacher: Features):
         students = [student] if torch.is_tensor(student) else list(student)
@@ -153,3 +215,14 @@ class AKDLoss(nn.Module):
                         raise ValueError(f"level {i}: {role} feature of shape {tuple(x.shape)} "
                                          "holds non-finite values")
         return students, teachers
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.random.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.random.set_rng_state(state)

@@ -38,6 +38,13 @@ class BaseLoss(nn.Module):
     fusable = False
     needs_channels = False
     needs_level = False  # built with level=i (its per-level state comes from a file)
+    # The release's factor standardises the Avatar for MGD and MasKD, not for CWD (see uncertainty).
+    release_standardises_avatar = True
+
+    def align_student(self, student: torch.Tensor) -> torch.Tensor:
+        """The loss's own map of the student into the teacher's space (MasKD's align conv), applied
+        before any uncertainty factor, as the release aligns in the distiller and normalises in the loss."""
+        return student
 
     def prepare_student(self, student: torch.Tensor, **context) -> torch.Tensor:
         """Student-side work done once per call, shared by all Avatars (e.g. MGD's generation)."""
@@ -58,7 +65,7 @@ class BaseLoss(nn.Module):
         raise NotImplementedError
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, **context) -> torch.Tensor:
-        return self.per_image(self.prepare_student(student, **context), teacher, **context).sum()
+        return self.per_image(self.prepare_student(self.align_student(student), **context), teacher, **context).sum()
 
 
 class CWDLoss(BaseLoss):
@@ -70,6 +77,7 @@ class CWDLoss(BaseLoss):
     """
 
     fusable = True
+    release_standardises_avatar = False  # Gumpest/AvatarKD:mmrazor/models/losses/akd_cwd.py uses the raw Avatar
 
     def __init__(self, tau: float = 1.0, loss_weight: float = 10.0):
         super().__init__()
@@ -228,12 +236,15 @@ class MasKDLoss(BaseLoss):
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self._with_student_masks = False
 
+    def align_student(self, student):
+        return self.align(student) if self.align is not None else student
+
     def prepare_student(self, student, **context):
         self.calls += 1
         # Read once per call, not once per Avatar: each read of the counter waits for the GPU.
         self._with_student_masks = (self.student_masks_after is not None
                                     and int(self.calls) > self.student_masks_after)
-        return self.align(student) if self.align is not None else student
+        return student
 
     def _masks_and_weights(self, prepared, teacher):
         # float32 whatever autocast made of the token products: c * sum_hw m_t alone exceeds 65504

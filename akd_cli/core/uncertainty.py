@@ -1,38 +1,71 @@
-r"""The uncertainty-aware factor: how much each Avatar contributes, per image.
+r"""How the Avatars' uncertainty enters the loss: the normalising factor sigma and the weighting of
+several Avatars against each other. Two separate choices that compose.
 
-``variance`` (the paper's description, made precise here). For a level with teacher feature T and
-Avatars A_1..A_K (each N x C x H x W), the *statistical difference* of Avatar k on image n and
-channel c is the shift of the channel's mean, in units of the teacher channel's spread:
+The factor (``uncertainty``):
 
-    d[k, n, c] = (mean_hw A_k[n, c] - mean_hw T[n, c]) / (std_hw T[n, c] + eps)
+``paper``: the method as the paper's figure draws it, L = E_x E_k L_distill(a_k / sigma, S / sigma):
+the spread sigma of the teacher-Avatar differences divides both the Avatars and the student before
+the base loss, for any number of Avatars, one included. What the figure leaves open is decided so:
 
-Its variance over channels, u[k, n] = Var_c d[k, n, :], is the Avatar's uncertainty on that image:
-an Avatar whose perturbation moved the channel statistics about a lot carries a less reliable
-picture of the teacher. The factor is the normalised inverse uncertainty
+- Granularity: per channel of each distilled level. The figure draws sigma^2 as a feature-shaped
+  block, and the expectations over the Avatars and over the data leave the channel as the natural
+  axis (a per-element sigma over a batch of a few images would be mostly noise; a per-channel one
+  rescales each channel's contribution, which is what "adjusting Avatars' contribution" can mean
+  for a distillation loss that compares channels).
+- Estimate: sigma_c^2 = E[(a_k - T)_c^2], the mean over the K Avatars, the batch's images and the
+  positions (all ranks of a distributed run together, through one all-reduce of C numbers). The
+  expectation over the data E_x is a running estimate of that batch estimate, as BatchNorm keeps
+  its statistics: running <- (1 - m) running + m batch, with momentum m (``sigma_momentum``, 0.1 by
+  default, BatchNorm's), starting at the first batch's value. It is a buffer of the loss, so it is
+  kept in checkpoints and a resumed run continues it. Training uses the running estimate after the
+  current batch's update; evaluation (no Avatars are needed there) leaves it unchanged.
+- Because sigma needs all of a step's Avatars before the first of them is normalised, the Avatars
+  are drawn twice from the same generator state: once for sigma, once for the loss. That keeps the
+  memory flat in the number of Avatars (none is stored) at the cost of a second draw.
+- Zero channels: sigma^2 + eps, eps = 1e-6 times the level's mean sigma^2 (plus float32's tiny),
+  so a channel the teacher never activates is not blown up by a near-zero division.
+- No gradient flows through sigma (the teacher side is a constant of the student's optimisation).
+- Drop rate 0: the Avatars equal the teacher, sigma is 0 and the formula has no limit (a / sigma
+  grows as 1 / sqrt(p) for dropout); akd then applies no factor, so the loss is the base loss on
+  the teacher, as for every factor. For dropout of rate p, sigma_c^2 = p / (1 - p) * E[T_c^2]: the
+  tests check that closed form.
 
-    gamma[k, n] = (1 / (u[k, n] + eps)) / sum_j (1 / (u[j, n] + eps)),
+``release``: what the release's code computes (Gumpest/AvatarKD:mmrazor/models/losses/akd_cwd.py,
+akd_mgd.py, akd_maskd.py): the student is standardised per channel with its own batch statistics
+(an affine-free BatchNorm2d in training mode, biased variance, eps 1e-5), after MasKD's align conv;
+MGD's and MasKD's Avatars are standardised the same way; CWD's Avatar is used raw (the release
+standardises the teacher, then ignores it). Defects fixed: every level gets its own channel count
+(the release's CWD built BatchNorm2d(2048) for 256-channel FPN levels); no running statistics are
+kept (the release's BatchNorm updated them and never used them). FGD, PKD and MSE are not in the
+release: akd standardises their Avatars as MGD's and MasKD's. This is the factor that produced the
+paper's numbers.
 
-the inverse-variance weighting by which independent noisy estimates are best combined. Why this
-form: it is scale-free (the features' magnitude and the drop rate cancel), it needs no temperature
-to tune, its weights sum to one per image so the base loss keeps its scale whatever the number of
-Avatars, and it degrades gracefully: with one Avatar gamma is 1 (the loss is the base loss on that
-Avatar, which is what the original release computes), with equally uncertain Avatars it is the plain
-average, and at drop rate 0 (Avatars equal to the teacher, u = 0) every weight is 1/K, so the loss
-equals the plain base loss. The factor carries no gradient.
+``none``: no factor; the base loss on the Avatars.
 
-``bn`` (the original release's behaviour, fixed): student and Avatar are standardised per channel
-with their own batch statistics (affine-free, no running statistics), and the Avatars are averaged.
+The weighting of several Avatars (``weighting``), for either factor:
 
-``none``: the Avatars are averaged.
+``mean``: every Avatar counts the same (the expectation E_k of the paper's formula).
+
+``inverse_variance`` (akd's own, not the paper's): per image, the Avatar whose channel statistics
+moved less from the teacher's counts more. The statistical difference of Avatar k on image n and
+channel c is the shift of the channel's mean in units of the teacher channel's spread,
+d[k, n, c] = (mean_hw A_k - mean_hw T) / (std_hw T + eps); u[k, n] = Var_c d[k, n, :] is the
+Avatar's uncertainty on that image, and gamma[k, n] = (1 / u[k, n]) / sum_j (1 / u[j, n]) its
+weight: the inverse-variance combination of independent noisy estimates. It sums to one per image,
+is 1/K for equally uncertain Avatars, and 1 for a single Avatar. It is computed on the raw Avatar
+and teacher, before any factor, and carries no gradient.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from akd_cli.names import UNCERTAINTY_MODES
+from akd_cli.names import AVATAR_WEIGHTINGS, UNCERTAINTY_MODES
 
 _EPS = 1e-6
 _WEIGHT_EPS = 1e-12
+RELEASE_BN_EPS = 1e-5
 
 
 class AvatarWeigher:
@@ -42,12 +75,12 @@ class AvatarWeigher:
     gradient, whatever the features' dtype.
     """
 
-    def __init__(self, teacher: torch.Tensor, mode: str):
-        if mode not in UNCERTAINTY_MODES:
-            raise ValueError(f"unknown uncertainty mode {mode!r}; expected one of {UNCERTAINTY_MODES}")
-        self.mode = mode
+    def __init__(self, teacher: torch.Tensor, weighting: str):
+        if weighting not in AVATAR_WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; expected one of {AVATAR_WEIGHTINGS}")
+        self.weighting = weighting
         self.ones = None
-        if mode == "variance":
+        if weighting == "inverse_variance":
             with torch.no_grad():
                 std, self.mean = torch.std_mean(teacher.float().flatten(2), dim=2, correction=0)
                 self.spread = std + _EPS
@@ -68,13 +101,41 @@ class AvatarWeigher:
 
 def avatar_uncertainty(teacher: torch.Tensor, avatar: torch.Tensor) -> torch.Tensor:
     """u[n] of one Avatar (see AvatarWeigher)."""
-    return AvatarWeigher(teacher, "variance").uncertainty(avatar)
+    return AvatarWeigher(teacher, "inverse_variance").uncertainty(avatar)
 
 
-def standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Affine-free batch normalisation with the tensor's own batch statistics (per channel)."""
+def standardise(x: torch.Tensor, eps: float = RELEASE_BN_EPS) -> torch.Tensor:
+    """Affine-free batch normalisation with the tensor's own batch statistics (per channel, biased
+    variance): BatchNorm2d(affine=False) in training mode, as the release applies it."""
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
     centred = x - mean
     # in place when no gradient flows (the Avatars): one temporary per Avatar, not two
     return centred.div_(torch.sqrt(var + eps)) if not centred.requires_grad else centred / torch.sqrt(var + eps)
+
+
+def squared_difference_per_channel(avatar: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """sum over images and positions of (a - T)^2, per channel (C, float32, no gradient)."""
+    with torch.no_grad():
+        return (avatar.float() - teacher.float()).pow(2).sum(dim=(0, 2, 3))
+
+
+def inverse_sigma(sigma2: torch.Tensor) -> torch.Tensor:
+    """1 / sigma per channel from sigma^2, with the zero-channel guard (see the module docstring)."""
+    eps = _EPS * sigma2.mean() + torch.finfo(torch.float32).tiny
+    return torch.rsqrt(sigma2 + eps)
+
+
+def update_running(running: torch.Tensor, batch: torch.Tensor, steps: torch.Tensor, momentum: float,
+                   ) -> Optional[torch.Tensor]:
+    """running <- (1 - m) running + m batch, in place; the first step takes the batch value."""
+    if int(steps) == 0:
+        running.copy_(batch)
+    else:
+        running.mul_(1.0 - momentum).add_(batch, alpha=momentum)
+    steps += 1
+    return running
+
+
+__all__ = ["AVATAR_WEIGHTINGS", "UNCERTAINTY_MODES", "AvatarWeigher", "avatar_uncertainty", "inverse_sigma",
+           "squared_difference_per_channel", "standardise", "update_running"]

@@ -218,7 +218,9 @@ def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], m
         avatars=dict(num_avatars=_given(options.num_avatars, preset.num_avatars),
                      drop_rate=_given(options.drop_rate, preset.drop_rate),
                      uncertainty=options.uncertainty or preset.uncertainty,
-                     perturbation=options.perturbation or preset.perturbation))
+                     weighting=options.weighting or preset.weighting,
+                     perturbation=options.perturbation or preset.perturbation,
+                     sigma_momentum=preset.sigma_momentum))
     return model
 
 

@@ -57,7 +57,8 @@ class AKDDistiller(BaseDetector):
         distill: one dict per distilled feature: ``name``, ``student`` and ``teacher`` (module
             paths), ``channels`` (teacher channels per level), optional ``student_channels``.
         method: base loss (``cwd``, ``mgd``, ...); ``options``: its keyword arguments.
-        avatars: ``num_avatars``, ``drop_rate``, ``uncertainty``, ``perturbation``.
+        avatars: ``num_avatars``, ``drop_rate``, ``uncertainty``, ``weighting``, ``perturbation``,
+            ``sigma_momentum`` (AKDLoss's arguments).
     """
 
     def __init__(self, student: dict, teacher: Optional[dict] = None, teacher_checkpoint: Optional[str] = None,

@@ -64,8 +64,10 @@ def _work_dir_role(cfg) -> str:
     if role in ("teacher", "baseline"):
         return role
     if role == "distilled":
-        avatars = (cfg.model.get("avatars") or {}).get("num_avatars", 1)
-        return "akd" if avatars else "kd"
+        avatars = cfg.model.get("avatars") or {}
+        if not avatars.get("num_avatars", 1):
+            return "kd"
+        return "akd-paper" if avatars.get("uncertainty") == "paper" else "akd"
     return "student"
 
 
@@ -195,8 +197,9 @@ def evaluate(job: Job) -> Optional[Dict[str, Any]]:
     record = {
         "preset": options.preset or akd.get("preset"),
         "role": role,
-        "method": akd.get("method") if role in ("kd", "akd") else None,
-        "num_avatars": (cfg.model.get("avatars") or {}).get("num_avatars") if role == "akd" else None,
+        "method": akd.get("method") if role in ("kd", "akd", "akd-paper") else None,
+        "num_avatars": (cfg.model.get("avatars") or {}).get("num_avatars") if role.startswith("akd") else None,
+        "uncertainty": (cfg.model.get("avatars") or {}).get("uncertainty") if role.startswith("akd") else None,
         "checkpoint": os.path.abspath(options.checkpoint),
         "checkpoint_sha256": sha256(options.checkpoint),
         "dataset": {"ann_file": os.path.abspath(test_cfg.ann_file), "images": len(dataset)},

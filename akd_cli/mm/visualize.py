@@ -112,7 +112,7 @@ def visualize(request: VisualizeRequest) -> List[str]:
             for level in levels:
                 teacher, student = teachers[level], students[level]
                 avatars = [make_avatar(teacher, preset.perturbation, preset.drop_rate) for _ in range(num_avatars)]
-                weigher = AvatarWeigher(teacher, preset.uncertainty)
+                weigher = AvatarWeigher(teacher, preset.weighting)
                 weights_k = torch.stack([weigher(a) for a in avatars]) if avatars else torch.zeros(0, 1)
                 gammas = (weights_k / weights_k.sum(dim=0, keepdim=True))[:, 0].tolist() if avatars else []
                 panels = [("teacher", _heat(teacher, metas[0], size))]
@@ -134,7 +134,7 @@ def visualize(request: VisualizeRequest) -> List[str]:
                     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
                 fig.suptitle(f"{preset.name}: {spec['name']} level {level} "
                              f"({teacher.shape[-2]}x{teacher.shape[-1]}, {preset.perturbation} {preset.drop_rate:g}, "
-                             f"{preset.uncertainty})", fontsize=10)
+                             f"{preset.uncertainty} factor, {preset.weighting} weighting)", fontsize=10)
                 fig.tight_layout()
                 path = out / f"{spec['name']}_level{level}.png"
                 fig.savefig(path, dpi=100)
