@@ -139,7 +139,9 @@ def presets_command(
             continue
         refs = " / ".join("-" if v is None else f"{v:.1f}" for v in
                           (p.student.reference_map, p.teacher.reference_map, p.reference_akd_map))
-        table.add_row(p.name, p.student.name or str(p.student.config), p.teacher.name or str(p.teacher.config),
+        name = p.name + "".join(f"\n= {alias}" for alias in p.aliases) + (f"\n(variant of {p.variant_of})"
+                                                                           if p.variant_of else "")
+        table.add_row(name, p.student.name or str(p.student.config), p.teacher.name or str(p.teacher.config),
                       p.method, f"{p.num_avatars} x {p.perturbation} {p.drop_rate:g} ({p.uncertainty})",
                       str(p.epochs), refs)
         shown += 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 # Feature-distillation base losses (akd_cli.core.losses.BASE_LOSSES has one class per name).
 BASE_LOSSES = ("cwd", "mgd", "maskd", "fgd", "pkd", "mse")
+# Distillation terms on head outputs (akd_cli.core.head_losses), beside the feature loss.
+HEAD_LOSSES = ("l1", "smooth_l1", "dist")
 # What a run distils with: a base loss, or "none" (the student baseline, no teacher).
 METHODS = BASE_LOSSES + ("none",)
 # The uncertainty factor (akd_cli.core.uncertainty): the paper's sigma, the release's computation, none.
@@ -26,5 +28,7 @@ RUN_KINDS = ("student", "teacher", "tokens")
 EVAL_ROLES = ("teacher", "baseline", "kd", "akd", "akd-paper")
 # Printed forms of `akd table`.
 TABLE_FORMATS = ("markdown", "csv", "json")
+# Detector families whose base-loss settings the methods' own COCO configs give (presets' `family`).
+FAMILIES = ("two_stage", "retinanet", "fcos", "reppoints")
 # The two tables of the paper (AvatarKD README), and the section of the tiny presets.
 PAPER_TABLES = ("baseline", "stronger")

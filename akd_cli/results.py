@@ -34,7 +34,16 @@ class Row:
 
     def paper(self, role: str) -> Optional[float]:
         return {"baseline": self.preset.student.reference_map, "teacher": self.preset.teacher.reference_map,
-                "akd": self.preset.reference_akd_map}.get(role)
+                "kd": self.kd_paper(self.preset.method), "akd": self.preset.reference_akd_map}.get(role)
+
+    def kd_paper(self, method: str) -> Optional[float]:
+        """The base loss's own published number (MasKD's, for rows whose base loss is MasKD): the
+        paper's tables have no KD column, so a reader sees what the Avatars add over the base."""
+        p = self.preset
+        return p.reference_kd_map if p.reference_kd_source and method == p.method else None
+
+    def kd_label(self, method: str) -> str:
+        return f" ({self.preset.reference_kd_source})" if self.kd_paper(method) is not None else ""
 
 
 def collect(paths: Iterable[Path]) -> Tuple[List[dict], List[str]]:
@@ -89,8 +98,8 @@ def build_rows(records: List[dict], presets: Optional[List[Preset]] = None) -> L
     return sorted(rows, key=lambda r: (r.preset.table_row, r.preset.name))
 
 
-def _cell(paper: Optional[float], ours: Optional[float]) -> str:
-    p = "-" if paper is None else f"{paper:.1f}"
+def _cell(paper: Optional[float], ours: Optional[float], label: str = "") -> str:
+    p = "-" if paper is None else f"{paper:.1f}{label}"
     o = "-" if ours is None else f"{ours:.1f}"
     delta = f" ({ours - paper:+.1f})" if paper is not None and ours is not None else ""
     return f"{p} / {o}{delta}"
@@ -112,7 +121,7 @@ def row_cells(row: Row, columns: Tuple[str, ...] = HEADER) -> List[str]:
     cells = [p.student.name or p.name, p.teacher.name or "-", METHOD_NAMES.get(method, method) + avatars,
              _cell(p.student.reference_map, row.ours.get("baseline")),
              _cell(p.teacher.reference_map, row.ours.get("teacher")),
-             _cell(None, row.ours.get("kd")),
+             _cell(row.kd_paper(method), row.ours.get("kd"), row.kd_label(method)),
              _cell(p.reference_akd_map, row.ours.get("akd"))]
     if PAPER_SIGMA_COLUMN in columns:  # the paper's tables have no such column: ours alone
         cells.append(_cell(None, row.ours.get("akd-paper")))
@@ -121,7 +130,8 @@ def row_cells(row: Row, columns: Tuple[str, ...] = HEADER) -> List[str]:
 
 def render_markdown(rows: List[Row]) -> str:
     lines = ["Each cell: paper / ours (ours - paper), COCO box mAP. '-': not measured. "
-             "KD: the base loss without Avatars. Ours: `akd eval` of the checkpoints `akd table` was given."]
+             "KD: the base loss without Avatars; where it is MasKD, the paper side is MasKD's own published "
+             "number, labelled (MasKD). Ours: `akd eval` of the checkpoints `akd table` was given."]
     for key, title in SECTIONS:
         section = [r for r in rows if r.section == key]
         if not section:
@@ -152,7 +162,7 @@ def _fmt(value: Optional[float]) -> str:
 def render_json(rows: List[Row]) -> str:
     return json.dumps([{"table": r.section, "preset": r.preset.name, "student": r.preset.student.name,
                         "teacher": r.preset.teacher.name, "method": r.preset.method,
-                        "paper": {role: r.paper(role) for role in ("baseline", "teacher", "akd")},
+                        "paper": {role: r.paper(role) for role in ("baseline", "teacher", "kd", "akd")},
                         "ours": {role: round(v, 2) for role, v in r.ours.items()}} for r in rows], indent=2) + "\n"
 
 

@@ -142,7 +142,10 @@ def test_table_writes_between_the_markers_only_and_is_idempotent(evaluated, tmp_
     assert "old table" not in block and "**Baseline settings**" in block and "**Stronger teachers**" in block
     ours = f"{100 * record['metrics']['AP']:.1f}"
     assert f"| FCOS-R18 (tiny) | FCOS-R34 (tiny) | CWD, 1 Avatar | - / - | - / {ours} | - / - | - / - |" in block
-    assert "| Faster RCNN-R50 | Faster RCNN-R101 | CWD, 1 Avatar | 38.4 / - | 39.8 / - | - / - | 40.9 / - |" in block
+    # a row whose base loss is MasKD shows MasKD's own published number on the paper side of KD
+    assert ("| Faster RCNN-R50 | Faster RCNN-R101 | MasKD, 1 Avatar | 38.4 / - | 39.8 / - | 41.0 (MasKD) / - | "
+            "40.9 / - |") in block
+    assert "| Faster RCNN-R50 | Cascade Mask RCNN-X101 | MGD, 1 Avatar | 38.4 / - | 45.6 / - | - / - | 42.4 / - |" in block
     second = run_akd("table", work, "--readme", readme, cwd=tmp_path)
     assert "unchanged" in second.stdout and readme.read_text() == text
     assert run_akd("table", work, "--readme", readme, "--check", cwd=tmp_path).returncode == 0
@@ -184,7 +187,8 @@ def test_table_reports_and_skips_corrupt_metrics(evaluated, tmp_path):
     assert result.stderr.count("warning:") == 3 and "skipped" in result.stderr
     rows = {r["preset"]: r for r in json.loads(result.stdout)}
     assert rows[TINY]["ours"] == {"teacher": pytest.approx(100 * record["metrics"]["AP"], abs=0.01)}
-    assert rows["fcos-r101-r50"]["paper"] == {"baseline": 38.5, "teacher": 40.8, "akd": 42.9}
+    assert rows["fcos-r101-r50"]["paper"] == {"baseline": 38.5, "teacher": 40.8, "kd": 42.9, "akd": 42.9}
+    assert rows["reppoints-x101-r50"]["paper"]["kd"] is None  # its base loss is CWD: no published KD number
     assert rows["fcos-r101-r50"]["ours"] == {}
 
 

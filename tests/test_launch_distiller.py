@@ -106,7 +106,8 @@ def test_impossible_plans_are_refused_when_made(kwargs, message):
 
 @pytest.mark.parametrize("options", [
     TrainOptions(preset=TINY),
-    TrainOptions(config="my.py", num_avatars=4, drop_rate=0.2, uncertainty="paper", weighting="inverse_variance", perturbation="noise", seed=7,
+    TrainOptions(config="my.py", num_avatars=4, drop_rate=0.2, uncertainty="paper", weighting="inverse_variance",
+                 perturbation="noise", seed=7,
                  deterministic=True, resume=True, amp=True, validate=False, verbose=True, trust_checkpoint=True,
                  cfg_options={"optimizer.lr": 0.1, "data.samples_per_gpu": 2}, kind="teacher",
                  launch=LaunchPlan(nproc_per_node=2, nnodes=3, node_rank=1, master_addr="10.0.0.2", master_port=29999,

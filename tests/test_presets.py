@@ -9,12 +9,12 @@ from akd_cli.presets import PresetError, list_presets, load_preset, load_preset_
 from conftest import REPO, TINY
 
 PAPER_README = REPO.parent / "shared" / "reference" / "AvatarKD-README.md"
-FULL = sorted(p.name for p in list_presets() if not p.tiny)
+FULL = sorted(p.name for p in list_presets() if p.table)  # one per row of the paper's tables
 
 
 def test_there_is_a_preset_for_each_row_of_the_papers_tables():
     presets = {p.name: p for p in list_presets()}
-    assert {p.table for p in presets.values() if not p.tiny} == {"baseline", "stronger"}
+    assert {p.table for p in presets.values() if p.table} == {"baseline", "stronger"}
     assert sum(p.table == "baseline" for p in presets.values()) == 3
     assert sum(p.table == "stronger" for p in presets.values()) == 3
     assert any(p.tiny for p in presets.values())
@@ -23,6 +23,18 @@ def test_there_is_a_preset_for_each_row_of_the_papers_tables():
         assert p.teacher.checkpoint.startswith("https://download.openmmlab.com/mmdetection/v2.0/")
         assert p.student.config.startswith("mmdet://") and p.epochs == 24
         assert None not in (p.student.reference_map, p.teacher.reference_map, p.reference_akd_map)
+        assert p.sources.get("recipe") and p.uncertainty == "release", "the release's factor produced the numbers"
+    for p in presets.values():  # variants name a row's preset and are not rows themselves
+        if p.variant_of:
+            assert p.variant_of in presets and p.table is None and p.sources.get("recipe")
+
+
+@pytest.mark.parametrize("spelling, name", [("fcos-r101-to-r50", "fcos-r101-r50"),
+                                            ("tiny-fcos-r34-to-r18", "tiny-fcos-r34-r18"),
+                                            ("cascade-mask-rcnn-x101-to-faster-rcnn-r50",
+                                             "cascade-mask-rcnn-x101-faster-rcnn-r50")])
+def test_the_designs_teacher_to_student_spelling_names_the_same_preset(spelling, name):
+    assert load_preset(spelling).name == name
 
 
 def paper_rows(section):

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from akd_cli.errors import UserError
 from akd_cli.options import TrainOptions
-from akd_cli.presets import ModelSpec, Preset
+from akd_cli.presets import OPTIMIZER_PARTS, ModelSpec, Preset
 
 MMDET_SCHEME = "mmdet://"
 COCO_ROOT_IN_MMDET_CONFIGS = "data/coco/"
@@ -42,10 +42,26 @@ def resolve_config_path(reference: str) -> Path:
 
 def _model_dict(spec: ModelSpec) -> Dict[str, Any]:
     if spec.model is not None:
-        return copy.deepcopy(spec.model)
-    from mmcv import Config
+        model = copy.deepcopy(spec.model)
+    else:
+        from mmcv import Config
 
-    return Config.fromfile(str(resolve_config_path(spec.config)))._cfg_dict.to_dict()["model"]
+        model = Config.fromfile(str(resolve_config_path(spec.config)))._cfg_dict.to_dict()["model"]
+    for key, value in spec.overrides.items():
+        set_dotted(model, key, value)
+    return model
+
+
+def set_dotted(tree: Dict[str, Any], key: str, value: Any) -> None:
+    """tree[a][b][c] = value for key 'a.b.c' (list items by index), creating mappings on the way."""
+    parts = key.split(".")
+    node: Any = tree
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
 
 
 def retarget_paths(node, old_prefix: str, new_root: str):
@@ -143,6 +159,7 @@ def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any]) -
             cfg["lr_config"]["step"] = lr_steps(epochs)
         cfg["evaluation"] = dict(cfg.get("evaluation", {}), interval=epochs)
         cfg["checkpoint_config"] = dict(cfg.get("checkpoint_config", {}), interval=1, max_keep_ckpts=3)
+    _apply_schedule(cfg, preset.schedule)
     if options.data_root:
         cfg = retarget_data_root(cfg, options.data_root)
     if options.batch_size:
@@ -151,6 +168,29 @@ def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any]) -
     cfg["model"] = model
     cfg["runner"] = dict(type="EpochBasedRunner", max_epochs=epochs)
     return cfg
+
+
+def _apply_schedule(cfg: Dict[str, Any], schedule) -> None:
+    """The recipe's optimiser settings over the student config's (only those the preset names)."""
+    optimizer = dict(cfg["optimizer"])
+    if schedule.lr is not None:
+        optimizer["lr"] = schedule.lr
+    paramwise = dict(optimizer.get("paramwise_cfg") or {})
+    for key in ("bias_lr_mult", "bias_decay_mult"):
+        if getattr(schedule, key) is not None:
+            paramwise[key] = getattr(schedule, key)
+    if paramwise:
+        optimizer["paramwise_cfg"] = paramwise
+    cfg["optimizer"] = optimizer
+    lr_config = dict(cfg.get("lr_config") or {})
+    for key in ("warmup", "warmup_iters", "warmup_ratio"):
+        if getattr(schedule, key) is not None:
+            lr_config[key] = getattr(schedule, key)
+    cfg["lr_config"] = lr_config
+    if schedule.grad_clip is not None:
+        cfg["optimizer_config"] = dict(grad_clip=dict(max_norm=schedule.grad_clip, norm_type=2))
+    elif schedule.no_grad_clip:
+        cfg["optimizer_config"] = dict(grad_clip=None)
 
 
 def build_configs(preset: Preset, options: TrainOptions) -> RunConfigs:
@@ -175,6 +215,12 @@ def build_configs(preset: Preset, options: TrainOptions) -> RunConfigs:
     cfg = copy.deepcopy(plain)
     cfg["model"] = _distiller(preset, options, plain["model"], method)
     cfg["optimizer"] = dict(cfg["optimizer"], constructor="AKDOptimizerConstructor")
+    fixed = [OPTIMIZER_PARTS[part] for part in preset.optimizer_fixed] if method == preset.method else []
+    if fixed:  # the recipe's optimiser leaves these distiller modules as they are (lr_mult 0)
+        paramwise = dict(cfg["optimizer"].get("paramwise_cfg") or {})
+        paramwise["custom_keys"] = dict(paramwise.get("custom_keys") or {},
+                                        **{part: dict(lr_mult=0.0, decay_mult=0.0) for part in fixed})
+        cfg["optimizer"]["paramwise_cfg"] = paramwise
     cfg["runner"] = dict(cfg["runner"], type="AKDEpochBasedRunner")
     cfg["akd"] = dict(preset=preset.name, method=method,
                       role="teacher" if options.kind == "teacher" else ("baseline" if method == "none" else "distilled"),
@@ -213,8 +259,16 @@ def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], m
         options=dict(dict(preset.options) if method == preset.method else {},
                      **({"token_file": options.token_file} if options.token_file else {})),
         distill=[dict(name=f.name, student=f.student, teacher=f.teacher, channels=list(f.channels),
-                      **({"student_channels": list(f.student_channels)} if f.student_channels else {}))
+                      **({"student_channels": list(f.student_channels)} if f.student_channels else {}),
+                      **({"align": True} if f.align else {}))
                  for f in preset.features],
+        heads=[dict(name=h.name, student=h.student, teacher=h.teacher, loss=h.loss, weight=h.weight,
+                    options=dict(h.options),
+                    **({"student_inputs": dict(student=h.student_inputs.student, teacher=h.student_inputs.teacher,
+                                               indices=list(h.student_inputs.indices))} if h.student_inputs else {}))
+               for h in preset.heads] if method == preset.method else [],
+        init_from_teacher=list(preset.init_from_teacher) if method == preset.method else [],
+        origin=_origin(preset),
         avatars=dict(num_avatars=_given(options.num_avatars, preset.num_avatars),
                      drop_rate=_given(options.drop_rate, preset.drop_rate),
                      uncertainty=options.uncertainty or preset.uncertainty,
@@ -222,6 +276,15 @@ def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], m
                      perturbation=options.perturbation or preset.perturbation,
                      sigma_momentum=preset.sigma_momentum))
     return model
+
+
+def _origin(preset: Preset) -> str:
+    """The preset file, as errors about its fields name it."""
+    from akd_cli.presets import PRESET_DIR
+
+    if preset.path is None:
+        return preset.name
+    return f"presets/{preset.path.name}" if preset.path.parent.resolve() == PRESET_DIR.resolve() else str(preset.path)
 
 
 def _given(value, default):

@@ -23,9 +23,15 @@ from mmdet.models.detectors.base import BaseDetector  # noqa: E402
 from akd_cli.core import AKDLoss  # noqa: E402
 from akd_cli.errors import UserError  # noqa: E402
 from akd_cli.mm.checkpoints import cached_download, load_checkpoint_file, load_weights  # noqa: E402
-from akd_cli.mm.recorder import FeatureRecorder  # noqa: E402
+from akd_cli.core.head_losses import build_head_loss  # noqa: E402
+from akd_cli.mm.recorder import FeatureRecorder, InputRecorder, find_module  # noqa: E402
 
 BACKBONE_ONLY_PREFIXES = ("backbone", "neck")
+
+
+def _roi_head_of(extractor: str) -> str:
+    """The bbox head an mmdet RoI extractor feeds (StandardRoIHead's and CascadeRoIHead's naming)."""
+    return extractor.replace("bbox_roi_extractor", "bbox_head")
 
 
 def build_akd_loss(method: str, channels: List[int], avatars: dict, options: dict) -> AKDLoss:
@@ -55,40 +61,82 @@ class AKDDistiller(BaseDetector):
         teacher_checkpoint: loaded into the teacher by ``init_weights`` (so that mmdet's own
             ``model.init_weights()`` cannot overwrite it).
         distill: one dict per distilled feature: ``name``, ``student`` and ``teacher`` (module
-            paths), ``channels`` (teacher channels per level), optional ``student_channels``.
+            paths), ``channels`` (teacher channels per level), optional ``student_channels``, and
+            ``align`` (a trained 1x1 conv per level even where the channels agree, as the recipes'
+            ``align_module``).
         method: base loss (``cwd``, ``mgd``, ...); ``options``: its keyword arguments.
         avatars: ``num_avatars``, ``drop_rate``, ``uncertainty``, ``weighting``, ``perturbation``,
             ``sigma_momentum`` (AKDLoss's arguments).
+        heads: terms on head outputs: ``name``, ``student``, ``teacher`` (module paths), ``loss``
+            (``l1``, ``smooth_l1``, ``dist``), ``weight``, ``options``, and optionally
+            ``student_inputs`` (``student``, ``teacher``, ``indices``): the teacher module is called
+            with the student module's inputs at those positions (the student's RoIs).
+        init_from_teacher: student module prefixes whose weights start as the teacher's.
+        origin: where the settings came from (a preset file), named in errors about them.
     """
 
     def __init__(self, student: dict, teacher: Optional[dict] = None, teacher_checkpoint: Optional[str] = None,
                  distill: Sequence[dict] = (), method: str = "cwd", options: Optional[dict] = None,
-                 avatars: Optional[dict] = None, train_cfg=None, test_cfg=None, pretrained=None, init_cfg=None):
+                 avatars: Optional[dict] = None, heads: Sequence[dict] = (), init_from_teacher: Sequence[str] = (),
+                 origin: Optional[str] = None, train_cfg=None, test_cfg=None, pretrained=None, init_cfg=None):
         super().__init__(init_cfg)
         self.student = build_detector(student)
         self.teacher = build_detector(teacher) if teacher is not None else None
         self.teacher_checkpoint = teacher_checkpoint
         self.method = method
+        self.origin = origin
         self.distill = [dict(d) for d in distill] if self.teacher is not None else []
+        self.heads = [dict(h) for h in heads] if self.teacher is not None else []
+        self.init_from_teacher = list(init_from_teacher) if self.teacher is not None else []
         avatars = dict(avatars or {})
         self.align = nn.ModuleDict()
         self.akd_losses = nn.ModuleDict()
         for spec in self.distill:
             channels = list(spec["channels"])
             student_channels = list(spec.get("student_channels") or channels)
-            if student_channels != channels:
+            if student_channels != channels or spec.get("align"):
                 self.align[spec["name"]] = nn.ModuleList(
                     nn.Conv2d(s, t, kernel_size=1) for s, t in zip(student_channels, channels))
             self.akd_losses[spec["name"]] = build_akd_loss(method, channels, avatars, options or {})
+        self.head_losses = nn.ModuleDict()
+        for i, spec in enumerate(self.heads):
+            try:
+                self.head_losses[spec["name"]] = build_head_loss(spec["loss"], weight=spec.get("weight", 1.0),
+                                                                 **dict(spec.get("options") or {}))
+            except ValueError as exc:
+                raise UserError(f"{self._where(f'distill.heads[{i}]')}: {exc}") from None
         if self.teacher is not None:
             self.teacher.eval()
             for param in self.teacher.parameters():
                 param.requires_grad_(False)
-        self.student_recorder = FeatureRecorder(self.student, [d["student"] for d in self.distill], "student")
-        self.teacher_recorder = (FeatureRecorder(self.teacher, [d["teacher"] for d in self.distill], "teacher")
-                                 if self.distill else None)
-        self._teacher_features_only = all(d["teacher"].split(".")[0] in BACKBONE_ONLY_PREFIXES
-                                          for d in self.distill)
+        where_s = {d["student"]: self._where(f"distill.features[{i}].student") for i, d in enumerate(self.distill)}
+        where_t = {d["teacher"]: self._where(f"distill.features[{i}].teacher") for i, d in enumerate(self.distill)}
+        where_s.update({h["student"]: self._where(f"distill.heads[{i}].student") for i, h in enumerate(self.heads)})
+        where_t.update({h["teacher"]: self._where(f"distill.heads[{i}].teacher") for i, h in enumerate(self.heads)})
+        recorded = self.distill + self.heads
+        self.student_recorder = FeatureRecorder(self.student, [d["student"] for d in recorded], "student", where_s)
+        self.teacher_recorder = (FeatureRecorder(self.teacher, [d["teacher"] for d in recorded], "teacher", where_t)
+                                 if recorded else None)
+        # Teacher RoI heads run on the student's RoIs: teacher RoI extractor -> (student module, argument indices)
+        self._fed = {h["student_inputs"]["teacher"]: (h["student_inputs"]["student"], h["student_inputs"]["indices"])
+                     for h in self.heads if h.get("student_inputs")}
+        where_in = {h["student_inputs"]["student"]: self._where(f"distill.heads[{i}].student_inputs")
+                    for i, h in enumerate(self.heads) if h.get("student_inputs")}
+        self.student_inputs = InputRecorder(self.student, {s: idx for s, idx in self._fed.values()}, "student", where_in)
+        for i, h in enumerate(self.heads):
+            if h["teacher"].startswith("roi_head.") and not h.get("student_inputs"):
+                raise UserError(f"{self._where(f'distill.heads[{i}]')}: the teacher's RoI head needs RoIs: give "
+                                "student_inputs (the student's RoI extractor, its RoIs' argument index)")
+        for extractor in self._fed:
+            find_module(self.teacher, extractor, "teacher", where_in[self._fed[extractor][0]])
+            find_module(self.teacher, _roi_head_of(extractor), "teacher", where_in[self._fed[extractor][0]])
+        self._teacher_parts = {d["teacher"].split(".")[0] for d in recorded}
+        for i, prefix in enumerate(self.init_from_teacher):
+            for role, model in (("student", self.student), ("teacher", self.teacher)):
+                find_module(model, prefix, role, self._where(f"distill.init_from_teacher[{i}]"))
+
+    def _where(self, field: str) -> str:
+        return f"{self.origin}: {field}" if self.origin else field
 
     # --- the student is the detector --------------------------------------------------------
     @property
@@ -107,6 +155,21 @@ class AKDDistiller(BaseDetector):
         self.student.init_weights()
         if self.teacher is not None and self.teacher_checkpoint:
             load_weights(self.teacher, self.teacher_checkpoint, "teacher")
+            self._inherit_from_teacher()
+
+    def _inherit_from_teacher(self) -> None:
+        """Student modules that start as the teacher's (the recipes' ``init_cfg`` with a prefix)."""
+        teacher_state, student_state = self.teacher.state_dict(), self.student.state_dict()
+        for i, prefix in enumerate(self.init_from_teacher):
+            inherited = {k: v for k, v in teacher_state.items() if k.startswith(prefix + ".")}
+            if not inherited:
+                raise UserError(f"{self._where(f'distill.init_from_teacher[{i}]')}: the teacher checkpoint "
+                                f"{self.teacher_checkpoint} has no weights under {prefix!r} for the student to inherit")
+            own = {k for k in student_state if k.startswith(prefix + ".")}
+            if set(inherited) != own or any(student_state[k].shape != v.shape for k, v in inherited.items()):
+                raise UserError(f"{self._where(f'distill.init_from_teacher[{i}]')}: the student's {prefix!r} "
+                                f"does not have the teacher's shape, so it cannot start from the teacher's weights")
+            self.student.load_state_dict(inherited, strict=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -133,13 +196,10 @@ class AKDDistiller(BaseDetector):
     def forward_train(self, img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore=None, **kwargs):
         if not self.distill:
             return self.student.forward_train(img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore, **kwargs)
-        with self.student_recorder:
+        with self.student_recorder, self.student_inputs:
             losses = self.student.forward_train(img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore, **kwargs)
         with self.teacher_recorder, torch.no_grad():
-            if self._teacher_features_only:
-                self.teacher.extract_feat(img)
-            else:
-                self.teacher.forward_dummy(img)
+            self._teacher_forward(img)
         context = {"gt_bboxes": gt_bboxes, "img_shape": tuple(img.shape[-2:])} if self.method == "fgd" else {}
         for spec in self.distill:
             name = spec["name"]
@@ -152,7 +212,41 @@ class AKDDistiller(BaseDetector):
             if name in self.align:
                 student_feats = [conv(f) for conv, f in zip(self.align[name], student_feats)]
             losses[f"loss_akd_{self.method}_{name}"] = self.akd_losses[name](student_feats, teacher_feats, **context)
+        for spec in self.heads:
+            student_outs = self.student_recorder.levels(spec["student"])
+            teacher_outs = self.teacher_recorder.levels(spec["teacher"])
+            if len(student_outs) != len(teacher_outs) or not student_outs:
+                raise ValueError(f"head term {spec['name']!r}: recorded {len(student_outs)} output(s) of student module "
+                                 f"{spec['student']!r} and {len(teacher_outs)} of teacher module {spec['teacher']!r}")
+            term = self.head_losses[spec["name"]]
+            # one term per call (per level of a shared head), summed as mmdet sums MMRazor's per-output losses
+            losses[f"loss_kd_{spec['name']}"] = sum(term(s, t) for s, t in zip(student_outs, teacher_outs))
         return losses
+
+    def _teacher_forward(self, img) -> None:
+        """The teacher's parts whose outputs are distilled, and no more: its features; its dense
+        head on them; its RoI heads on the student's RoIs (the teacher's RoI extractor fed the
+        student's, as MMRazor's ``modules_with_student_inputs``, so both heads see the same boxes)."""
+        parts = self._teacher_parts
+        if not parts <= set(BACKBONE_ONLY_PREFIXES) | {"bbox_head", "rpn_head", "roi_head"}:
+            self.teacher.forward_dummy(img)  # another architecture: run it whole
+            return
+        x = self.teacher.extract_feat(img)
+        if "bbox_head" in parts:
+            self.teacher.bbox_head(x)
+        if "rpn_head" in parts:
+            self.teacher.rpn_head(x)
+        modules = dict(self.teacher.named_modules())
+        for extractor_name, (student_name, indices) in self._fed.items():
+            calls = self.student_inputs.inputs.get(student_name, [])
+            extractor, head = modules[extractor_name], modules[_roi_head_of(extractor_name)]
+            for recorded in calls:
+                args = [x[:extractor.num_inputs], None]
+                for position, value in zip(indices, recorded):
+                    args[position] = value
+                feats = extractor(*args)
+                shared = getattr(self.teacher.roi_head, "shared_head", None)
+                head(shared(feats) if shared is not None else feats)
 
     def train_step(self, data, optimizer):
         outputs = super().train_step(data, optimizer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -11,12 +11,14 @@ import torch.nn as nn
 from akd_cli.errors import UserError
 
 
-def find_module(model: nn.Module, name: str, role: str) -> nn.Module:
+def find_module(model: nn.Module, name: str, role: str, where: Optional[str] = None) -> nn.Module:
+    """The named submodule; an unknown name is refused with the closest names (and, given ``where``,
+    the preset field that named it)."""
     modules = dict(model.named_modules())
     if name not in modules:
         close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UserError(f"{role} has no module {name!r}{hint}")
+        raise UserError(f"{where + ': ' if where else ''}{role} has no module {name!r}{hint}")
     return modules[name]
 
 
@@ -28,10 +30,10 @@ class FeatureRecorder:
     pass recorded.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], role: str):
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str, where: Optional[Dict[str, str]] = None):
         self.outputs: Dict[str, List[torch.Tensor]] = {}
         self.recording = False
-        self._handles = [find_module(model, name, role).register_forward_hook(self._hook(name))
+        self._handles = [find_module(model, name, role, (where or {}).get(name)).register_forward_hook(self._hook(name))
                          for name in dict.fromkeys(names)]
 
     def _hook(self, name):
@@ -53,3 +55,28 @@ class FeatureRecorder:
         if len(calls) == 1 and isinstance(calls[0], (tuple, list)):
             return list(calls[0])
         return list(calls)
+
+
+class InputRecorder:
+    """Records the positional inputs at given indices of named modules inside ``with recorder:``
+    (the student's RoIs as its RoI extractor receives them)."""
+
+    def __init__(self, model: nn.Module, specs: Dict[str, Sequence[int]], role: str, where: Optional[Dict[str, str]] = None):
+        self.inputs: Dict[str, List[List[torch.Tensor]]] = {}
+        self.recording = False
+        self._handles = [find_module(model, name, role, (where or {}).get(name)).register_forward_pre_hook(
+            self._hook(name, list(indices))) for name, indices in specs.items()]
+
+    def _hook(self, name, indices):
+        def record(module, inputs):
+            if self.recording:
+                self.inputs.setdefault(name, []).append([inputs[i] for i in indices])
+        return record
+
+    def __enter__(self) -> "InputRecorder":
+        self.inputs = {}
+        self.recording = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.recording = False

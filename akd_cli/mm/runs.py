@@ -83,7 +83,25 @@ def check(options: TrainOptions, cfg) -> str:
             raise UserError(f"MasKD token file not found: {token_file}")
     if model.get("type") == "ReceptiveTokenLearner":
         check_checkpoint_path(model.get("checkpoint"), "teacher")
+    if model.get("type") == "AKDDistiller":
+        check_modules(model)
     return device
+
+
+def check_modules(model_cfg) -> None:
+    """Build the distiller without weights (on torch's meta device: no memory, no download) so that
+    a module name the preset gets wrong is refused, naming the field, before anything starts."""
+    import copy
+
+    import torch
+
+    import akd_cli.mm.distiller  # noqa: F401  (registers AKDDistiller)
+    from mmdet.models import build_detector
+
+    model_cfg = copy.deepcopy(model_cfg)
+    (model_cfg.get("options") or {}).pop("token_file", None)
+    with torch.device("meta"):
+        build_detector(model_cfg)
 
 
 def launch_training(options: TrainOptions, *, on_config=None) -> Optional[str]:
