@@ -234,7 +234,10 @@ def config_command(
     from akd_cli.mm.config import dump_config
     from akd_cli.mm.runs import prepare
 
-    cfg = _call(prepare, options).config
+    run = _call(prepare, options)
+    cfg = run.config
+    for note in run.notes:
+        _console(stderr=True).print(note, highlight=False, soft_wrap=True)
     if out:
         dump_config(cfg, out)
         _console().print(f"wrote {out}")
@@ -291,7 +294,8 @@ def train_command(
     from akd_cli.mm.runs import launch_training
 
     console = _console()
-    student = _call(launch_training, options, on_config=lambda p: console.print(f"config: {p}"))
+    student = _call(launch_training, options, on_config=lambda p: console.print(f"config: {p}"),
+                    say=lambda line: console.print(line, highlight=False, soft_wrap=True))
     if student and learn_tokens:
         console.print(f"[green]done[/]: receptive tokens {student}; distil with them: "
                       f"akd train --preset {preset or '...'} --token-file {student}")

@@ -49,6 +49,7 @@ class FeatureSpec:
     channels: List[int]
     student_channels: Optional[List[int]] = None  # where they differ from the teacher: 1x1 align convs
     align: bool = False                           # a trained 1x1 conv per level even where they agree
+    levels: Optional[List[int]] = None            # a selection of the module's outputs (default: all)
 
 
 @dataclass
@@ -352,6 +353,45 @@ def load_preset_file(path: Path) -> Preset:
         reference_akd_map=_get(raw, "reference_akd_map", float, path, "", required=False),
         tiny=_get(raw, "tiny", bool, path, "", required=False, default=False), path=path,
     )
+
+
+@dataclass
+class MethodSetting:
+    """A base loss's settings for one detector family, from its own COCO config (see
+    ``presets/_method_settings.yaml``)."""
+    method: str
+    family: str
+    options: Dict[str, Any]
+    source: str
+    grad_clip: Optional[float] = None
+    init_from_teacher: List[str] = field(default_factory=list)
+    module: Optional[str] = None          # "neck.fpn_convs.{i}.conv" (one module per level) or "neck"
+    levels: Optional[List[int]] = None
+
+
+METHOD_SETTINGS_FILE = "_method_settings.yaml"
+
+
+def method_setting(method: str, family: Optional[str], directory: Path = PRESET_DIR) -> Optional[MethodSetting]:
+    """X's published settings for a family, or None where its authors published none."""
+    import yaml
+
+    path = Path(directory) / METHOD_SETTINGS_FILE
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    entry = (raw.get(method) or {}).get(family) if family else None
+    if entry is None:
+        return None
+    where = f"{method}.{family}"
+    _only(entry, {"options", "source", "grad_clip", "init_from_teacher", "features"}, path, where)
+    features = _get(entry, "features", dict, path, where, required=False, default={})
+    source = _get(entry, "source", str, path, where)
+    if not SOURCE.match(source):
+        _fail(path, f"{where}.source", f"expected owner/repo:path, got {source!r}")
+    return MethodSetting(method=method, family=family, options=dict(_get(entry, "options", dict, path, where)),
+                         source=source, grad_clip=_get(entry, "grad_clip", float, path, where, required=False),
+                         init_from_teacher=_names_list(entry, "init_from_teacher", path, where),
+                         module=features.get("module"), levels=features.get("levels"))
 
 
 def preset_paths(directory: Path = PRESET_DIR) -> Dict[str, Path]:

@@ -254,3 +254,75 @@ def test_wrong_names_in_a_preset_name_the_file_the_field_and_the_closest(edit, m
                   "--work-dir", tmp_path / "w", cwd=tmp_path)
     assert message in got
     assert not (tmp_path / "w" / "epoch_1.pth").exists()
+
+
+# --- another base loss on a preset: that method's own settings for the preset's family ------------
+
+@pytest.mark.parametrize("preset, method, facts", [
+    ("retinanet-r101-r50", "mgd", {
+        "model.options": {"alpha_mgd": 2e-5, "lambda_mgd": 0.65}, "model.init_from_teacher": ["neck", "bbox_head"],
+        "model.distill.0.student": [f"neck.fpn_convs.{i}.conv" for i in range(5)],
+        "optimizer_config.grad_clip": {"max_norm": 35.0, "norm_type": 2}, "model.heads": []}),
+    ("faster-rcnn-r101-r50", "mgd", {
+        "model.options": {"alpha_mgd": 5e-7, "lambda_mgd": 0.45}, "model.init_from_teacher": [],
+        "model.distill.0.student": [f"neck.fpn_convs.{i}.conv" for i in range(4)],
+        "model.distill.0.channels": [256] * 4}),
+    ("faster-rcnn-r101-r50", "pkd", {"model.options": {"loss_weight": 6.0}, "model.distill.0.student": "neck",
+                                     "model.distill.0.levels": [0, 1, 2, 3]}),
+    ("fcos-r101-r50", "fgd", {"model.options": {"temp": 0.8, "alpha_fgd": 1.6e-3, "beta_fgd": 8e-4, "gamma_fgd": 8e-4,
+                                                "lambda_fgd": 8e-6}}),
+    ("retinanet-x101-r50", "fgd", {"model.options.alpha_fgd": 1e-3, "model.options.lambda_fgd": 5e-6}),
+    ("reppoints-x101-r50", "maskd", {"model.options": {"loss_weight": 10.0, "student_masks_after": 5000}}),
+    ("faster-rcnn-r101-r50", "cwd", {"model.options": {"tau": 1.0, "loss_weight": 10.0}}),
+])
+def test_method_takes_its_own_settings_for_the_presets_family(preset, method, facts):
+    from akd_cli.mm.config import build_configs
+
+    configs = build_configs(load_preset(preset), TrainOptions(preset=preset, method=method))
+    cfg = configs.run._cfg_dict.to_dict()
+    for key, expected in facts.items():
+        assert _at(cfg, key) == expected, (key, _at(cfg, key))
+    assert any("its own settings" in note for note in configs.notes)
+
+
+def test_a_method_without_a_setting_for_the_family_is_said_and_takes_the_losss_defaults():
+    from akd_cli.mm.config import build_configs
+
+    configs = build_configs(load_preset("fcos-r101-r50"), TrainOptions(preset="fcos-r101-r50", method="mgd"))
+    assert configs.run.model.options == {} and "published no fcos setting" in configs.notes[0]
+
+
+@pytest.mark.parametrize("method", ["mgd", "pkd", "fgd"])
+def test_method_settings_run_a_training_step_on_a_tiny_preset(method):
+    import akd_cli.mm.distiller  # noqa: F401
+    from akd_cli.mm.config import build_config
+    from mmdet.models import build_detector
+
+    preset = "tiny-retinanet-r34-r18" if method != "pkd" else "tiny-faster-rcnn-r34-r18"
+    cfg = build_config(load_preset(preset), TrainOptions(preset=preset, method=method))
+    model = build_detector(cfg.model)
+    model.train()
+    img = torch.randn(2, 3, 128, 96)
+    metas = [dict(img_shape=(128, 96, 3), ori_shape=(128, 96, 3), pad_shape=(128, 96, 3), scale_factor=1.0,
+                  flip=False, batch_input_shape=(128, 96)), dict(img_shape=(100, 80, 3), ori_shape=(100, 80, 3),
+                  pad_shape=(128, 96, 3), scale_factor=1.0, flip=False, batch_input_shape=(128, 96))]
+    boxes = [torch.tensor([[10.0, 10.0, 60.0, 70.0]]), torch.tensor([[5.0, 20.0, 40.0, 90.0]])]
+    losses = model.forward_train(img, metas, boxes, [torch.tensor([1]), torch.tensor([2])])
+    term = losses[f"loss_akd_{method}_fpn"]
+    assert torch.isfinite(term) and term > 0
+    term.backward()
+
+
+def test_fgd_maps_each_images_boxes_by_its_own_shape_and_initialises_as_fgd():
+    from akd_cli.core.losses import FGDLoss
+
+    fgd = FGDLoss(channels=8)
+    feature = torch.zeros(2, 8, 8, 8)
+    box = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    fg, _ = fgd._masks(feature, [box, box], [(64, 64), (32, 32)])
+    assert fg[0].gt(0).sum() < fg[1].gt(0).sum()  # the same box covers all of the second, smaller image
+    assert fg[1].gt(0).all()
+    for block in (fgd.channel_add_s, fgd.channel_add_t):
+        assert block[-1].weight.abs().sum() == 0 and block[-1].bias.abs().sum() == 0
+    fan_in = fgd.conv_mask_s.weight[0].numel()
+    assert fgd.conv_mask_s.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_in), rel=0.5)

@@ -295,7 +295,8 @@ class FGDLoss(BaseLoss):
     """Focal and global distillation (Yang et al., 2022).
 
     Needs the ground-truth boxes: pass ``gt_bboxes`` (one K_i x 4 tensor of x1, y1, x2, y2 input-image
-    pixels per image) and ``img_shape`` ((H, W) of the padded input batch) as context. Terms:
+    pixels per image) and ``img_shape`` as context: a list of each image's (H, W) before padding, by
+    which FGD maps the boxes onto the feature map (as FGD's code does), or one (H, W) for all. Terms:
     foreground and background feature imitation weighted by the teacher's spatial and channel
     attention (``alpha_fgd``, ``beta_fgd``), attention imitation (``gamma_fgd``) and global relation
     imitation through GcBlocks (``lambda_fgd``). Not fusable: the attention and the teacher-side
@@ -319,6 +320,18 @@ class FGDLoss(BaseLoss):
                                  nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
 
         self.channel_add_s, self.channel_add_t = channel_add(), channel_add()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """FGD's own initialisation (yzd-v/FGD:mmdet/distillation/losses/fgd.py): the attention convs
+        kaiming-normal with fan-in, the last conv of each channel-add block zero (so the global
+        relation starts as the identity)."""
+        for conv in (self.conv_mask_s, self.conv_mask_t):
+            nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        for block in (self.channel_add_s, self.channel_add_t):
+            nn.init.zeros_(block[-1].weight)
+            nn.init.zeros_(block[-1].bias)
 
     def _attention(self, x: torch.Tensor):
         n, c, h, w = x.shape
@@ -331,8 +344,10 @@ class FGDLoss(BaseLoss):
         n, _, h, w = teacher.shape
         fg = teacher.new_zeros((n, h, w))
         bg = teacher.new_ones((n, h, w))
-        img_h, img_w = img_shape[:2]
+        shapes = img_shape if isinstance(img_shape, (list, tuple)) and img_shape and \
+            isinstance(img_shape[0], (list, tuple)) else [img_shape] * n
         for i, boxes in enumerate(gt_bboxes):
+            img_h, img_w = shapes[i][:2]
             boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
             for x1, y1, x2, y2 in boxes.tolist():
                 w0, w1 = int(math.floor(x1 * w / img_w)), int(math.ceil(x2 * w / img_w))

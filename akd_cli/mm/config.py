@@ -7,7 +7,7 @@ pipeline and schedule, and ``custom_imports`` of akd's registrations, so mmdet's
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -139,9 +139,11 @@ def synth_training_config(data: Dict[str, Any], data_root: str, epochs: int) -> 
 @dataclass
 class RunConfigs:
     """What a run executes (``run``) and, for a distillation or a baseline, the student's plain
-    mmdet config (``student``: the student alone, runnable in mmdet's tools without akd)."""
+    mmdet config (``student``: the student alone, runnable in mmdet's tools without akd);
+    ``notes``: what the user should hear about how the options were resolved."""
     run: Any
     student: Optional[Any] = None
+    notes: list = field(default_factory=list)
 
 
 def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any]) -> Dict[str, Any]:
@@ -212,8 +214,19 @@ def build_configs(preset: Preset, options: TrainOptions) -> RunConfigs:
     method = "none" if options.kind == "teacher" else (options.method or preset.method)
     if options.token_file and method != "maskd":
         raise UserError(f"receptive tokens are for the MasKD base loss; this run distils with {method}")
+    notes: list = []
+    setting = None
+    if method not in ("none", preset.method):
+        from akd_cli.presets import method_setting
+
+        setting = method_setting(method, preset.family)
+        notes.append(f"{method} with its own settings for {preset.family} detectors ({setting.source})" if setting
+                     else f"{method}: its authors published no {preset.family or 'such'} setting; "
+                          "the loss's own defaults are used")
+        if setting and setting.grad_clip:
+            plain["optimizer_config"] = dict(grad_clip=dict(max_norm=setting.grad_clip, norm_type=2))
     cfg = copy.deepcopy(plain)
-    cfg["model"] = _distiller(preset, options, plain["model"], method)
+    cfg["model"] = _distiller(preset, options, plain["model"], method, setting)
     cfg["optimizer"] = dict(cfg["optimizer"], constructor="AKDOptimizerConstructor")
     fixed = [OPTIMIZER_PARTS[part] for part in preset.optimizer_fixed] if method == preset.method else []
     if fixed:  # the recipe's optimiser leaves these distiller modules as they are (lr_mult 0)
@@ -228,7 +241,7 @@ def build_configs(preset: Preset, options: TrainOptions) -> RunConfigs:
     student = Config(plain)
     if options.cfg_options:
         student.merge_from_dict(_student_side(options.cfg_options))
-    return RunConfigs(_with_akd_runtime(cfg, options), student)
+    return RunConfigs(_with_akd_runtime(cfg, options), student, notes)
 
 
 def _student_side(cfg_options: Dict[str, Any]) -> Dict[str, Any]:
@@ -248,26 +261,49 @@ def build_config(preset: Preset, options: TrainOptions):
     return build_configs(preset, options).run
 
 
-def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], method: str) -> Dict[str, Any]:
-    """Step 2: the distiller around the student (without a teacher for the baseline)."""
+def _features(preset: Preset, setting) -> list:
+    """The distilled features: the preset's, or what a method's own config distils instead."""
+    specs = []
+    for f in preset.features:
+        spec = dict(name=f.name, student=f.student, teacher=f.teacher, channels=list(f.channels),
+                    **({"student_channels": list(f.student_channels)} if f.student_channels else {}),
+                    **({"align": True} if f.align and setting is None else {}),
+                    **({"levels": list(f.levels)} if f.levels else {}))
+        if setting is not None and setting.module and f is preset.features[0]:
+            levels = list(setting.levels or range(len(f.channels)))
+            spec["channels"] = [f.channels[i] for i in levels]
+            if f.student_channels:
+                spec["student_channels"] = [f.student_channels[i] for i in levels]
+            if "{i}" in setting.module:  # one module per level
+                spec["student"] = spec["teacher"] = [setting.module.format(i=i) for i in levels]
+            else:
+                spec["student"] = spec["teacher"] = setting.module
+                spec["levels"] = levels
+        specs.append(spec)
+    return specs
+
+
+def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], method: str,
+               setting=None) -> Dict[str, Any]:
+    """Step 2: the distiller around the student (without a teacher for the baseline). A method other
+    than the preset's comes with its own settings for the preset's family (``setting``), not the
+    row's head terms, inherited and fixed modules."""
     model = dict(type="AKDDistiller", student=student)
     if method == "none":
         return model
+    own = method == preset.method
     model.update(
         teacher=_model_dict(preset.teacher),
         teacher_checkpoint=options.teacher_checkpoint or preset.teacher.checkpoint, method=method,
-        options=dict(dict(preset.options) if method == preset.method else {},
+        options=dict(dict(preset.options) if own else dict(setting.options) if setting else {},
                      **({"token_file": options.token_file} if options.token_file else {})),
-        distill=[dict(name=f.name, student=f.student, teacher=f.teacher, channels=list(f.channels),
-                      **({"student_channels": list(f.student_channels)} if f.student_channels else {}),
-                      **({"align": True} if f.align else {}))
-                 for f in preset.features],
+        distill=_features(preset, setting),
         heads=[dict(name=h.name, student=h.student, teacher=h.teacher, loss=h.loss, weight=h.weight,
                     options=dict(h.options),
                     **({"student_inputs": dict(student=h.student_inputs.student, teacher=h.student_inputs.teacher,
                                                indices=list(h.student_inputs.indices))} if h.student_inputs else {}))
                for h in preset.heads] if method == preset.method else [],
-        init_from_teacher=list(preset.init_from_teacher) if method == preset.method else [],
+        init_from_teacher=list(preset.init_from_teacher if own else setting.init_from_teacher if setting else []),
         origin=_origin(preset),
         avatars=dict(num_avatars=_given(options.num_avatars, preset.num_avatars),
                      drop_rate=_given(options.drop_rate, preset.drop_rate),

@@ -29,6 +29,11 @@ from akd_cli.mm.recorder import FeatureRecorder, InputRecorder, find_module  # n
 BACKBONE_ONLY_PREFIXES = ("backbone", "neck")
 
 
+def _modules(names) -> List[str]:
+    """A feature is one module's outputs or the outputs of a list of modules (one per level)."""
+    return [names] if isinstance(names, str) else list(names)
+
+
 def _roi_head_of(extractor: str) -> str:
     """The bbox head an mmdet RoI extractor feeds (StandardRoIHead's and CascadeRoIHead's naming)."""
     return extractor.replace("bbox_roi_extractor", "bbox_head")
@@ -109,14 +114,17 @@ class AKDDistiller(BaseDetector):
             self.teacher.eval()
             for param in self.teacher.parameters():
                 param.requires_grad_(False)
-        where_s = {d["student"]: self._where(f"distill.features[{i}].student") for i, d in enumerate(self.distill)}
-        where_t = {d["teacher"]: self._where(f"distill.features[{i}].teacher") for i, d in enumerate(self.distill)}
+        where_s = {m: self._where(f"distill.features[{i}].student") for i, d in enumerate(self.distill)
+                   for m in _modules(d["student"])}
+        where_t = {m: self._where(f"distill.features[{i}].teacher") for i, d in enumerate(self.distill)
+                   for m in _modules(d["teacher"])}
         where_s.update({h["student"]: self._where(f"distill.heads[{i}].student") for i, h in enumerate(self.heads)})
         where_t.update({h["teacher"]: self._where(f"distill.heads[{i}].teacher") for i, h in enumerate(self.heads)})
         recorded = self.distill + self.heads
-        self.student_recorder = FeatureRecorder(self.student, [d["student"] for d in recorded], "student", where_s)
-        self.teacher_recorder = (FeatureRecorder(self.teacher, [d["teacher"] for d in recorded], "teacher", where_t)
-                                 if recorded else None)
+        self.student_recorder = FeatureRecorder(self.student, [m for d in recorded for m in _modules(d["student"])],
+                                                "student", where_s)
+        self.teacher_recorder = (FeatureRecorder(self.teacher, [m for d in recorded for m in _modules(d["teacher"])],
+                                                 "teacher", where_t) if recorded else None)
         # Teacher RoI heads run on the student's RoIs: teacher RoI extractor -> (student module, argument indices)
         self._fed = {h["student_inputs"]["teacher"]: (h["student_inputs"]["student"], h["student_inputs"]["indices"])
                      for h in self.heads if h.get("student_inputs")}
@@ -130,7 +138,7 @@ class AKDDistiller(BaseDetector):
         for extractor in self._fed:
             find_module(self.teacher, extractor, "teacher", where_in[self._fed[extractor][0]])
             find_module(self.teacher, _roi_head_of(extractor), "teacher", where_in[self._fed[extractor][0]])
-        self._teacher_parts = {d["teacher"].split(".")[0] for d in recorded}
+        self._teacher_parts = {m.split(".")[0] for d in recorded for m in _modules(d["teacher"])}
         for i, prefix in enumerate(self.init_from_teacher):
             for role, model in (("student", self.student), ("teacher", self.teacher)):
                 find_module(model, prefix, role, self._where(f"distill.init_from_teacher[{i}]"))
@@ -200,11 +208,13 @@ class AKDDistiller(BaseDetector):
             losses = self.student.forward_train(img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore, **kwargs)
         with self.teacher_recorder, torch.no_grad():
             self._teacher_forward(img)
-        context = {"gt_bboxes": gt_bboxes, "img_shape": tuple(img.shape[-2:])} if self.method == "fgd" else {}
+        # FGD scales each image's boxes by that image's own shape before padding, as FGD does
+        context = ({"gt_bboxes": gt_bboxes, "img_shape": [tuple(m["img_shape"][:2]) for m in img_metas]}
+                   if self.method == "fgd" else {})
         for spec in self.distill:
             name = spec["name"]
-            student_feats = self.student_recorder.levels(spec["student"])
-            teacher_feats = self.teacher_recorder.levels(spec["teacher"])
+            student_feats = self._recorded(self.student_recorder, spec, "student")
+            teacher_feats = self._recorded(self.teacher_recorder, spec, "teacher")
             if len(student_feats) != len(spec["channels"]) or len(teacher_feats) != len(spec["channels"]):
                 raise ValueError(f"feature {name!r}: the config declares {len(spec['channels'])} level(s), "
                                  f"recorded {len(student_feats)} from student module {spec['student']!r} and "
@@ -222,6 +232,13 @@ class AKDDistiller(BaseDetector):
             # one term per call (per level of a shared head), summed as mmdet sums MMRazor's per-output losses
             losses[f"loss_kd_{spec['name']}"] = sum(term(s, t) for s, t in zip(student_outs, teacher_outs))
         return losses
+
+    @staticmethod
+    def _recorded(recorder, spec: dict, role: str) -> list:
+        """A feature's levels: the outputs of its module(s), in order, as ``levels`` selects them."""
+        feats = [f for module in _modules(spec[role]) for f in recorder.levels(module)]
+        levels = spec.get("levels")
+        return feats if levels is None else [feats[i] for i in levels if i < len(feats)]
 
     def _teacher_forward(self, img) -> None:
         """The teacher's parts whose outputs are distilled, and no more: its features; its dense

@@ -20,6 +20,7 @@ class PreparedRun:
     config: Any                   # the mmcv Config the workers run
     student_config: Optional[Any]  # the student's plain mmdet config, when the run trains one
     work_dir: Path
+    notes: tuple = ()             # how the options were resolved, for the user
 
 
 def default_work_dir(options: TrainOptions, name: str) -> str:
@@ -61,7 +62,8 @@ def prepare(options: TrainOptions) -> PreparedRun:
                         f"(train one with 'akd train --preset {preset.name} --train-teacher')"
                         + (", or --method none for a student baseline" if options.kind == "student" else ""))
     configs = build_configs(preset, options)
-    return PreparedRun(configs.run, configs.student, Path(options.work_dir or default_work_dir(options, preset.name)))
+    return PreparedRun(configs.run, configs.student, Path(options.work_dir or default_work_dir(options, preset.name)),
+                       tuple(configs.notes))
 
 
 def check(options: TrainOptions, cfg) -> str:
@@ -104,14 +106,18 @@ def check_modules(model_cfg) -> None:
         build_detector(model_cfg)
 
 
-def launch_training(options: TrainOptions, *, on_config=None) -> Optional[str]:
-    """Write the config into the work dir and run it; returns the exported student's (or tokens') path."""
+def launch_training(options: TrainOptions, *, on_config=None, say=None) -> Optional[str]:
+    """Write the config into the work dir and run it; returns the exported student's (or tokens') path.
+    ``say`` hears one line per note on how the options were resolved."""
     from mmcv import Config
 
     from akd_cli.mm import launch
     from akd_cli.mm.config import dump_config
 
     run = prepare(options)
+    for note in run.notes:
+        if say:
+            say(note)
     work, cfg = run.work_dir, run.config
     config_path = work / "config.py"
     if options.resume and config_path.is_file():
