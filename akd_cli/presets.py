@@ -297,18 +297,16 @@ def load_preset_file(path: Path) -> Preset:
     if method not in BASE_LOSSES:
         _fail(path, "distill.method", f"unknown method {method!r} (one of {', '.join(BASE_LOSSES)})")
     avatars = _get(raw, "avatars", dict, path, "", required=False, default={})
-    num = _get(avatars, "num", int, path, "avatars", required=False, default=1)
+    num = _get(avatars, "num_avatars", int, path, "avatars", required=False, default=1)
     drop_rate = _get(avatars, "drop_rate", float, path, "avatars", required=False, default=0.1)
-    unknown = set(avatars) - {"num", "drop_rate", "uncertainty", "weighting", "perturbation", "sigma_momentum"}
-    if unknown:
-        _fail(path, f"avatars.{sorted(unknown)[0]}", "unknown field (allowed: drop_rate, num, perturbation, "
-              "sigma_momentum, uncertainty, weighting)")
+    _only(avatars, {"num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation", "sigma_momentum"}, path,
+          "avatars")
     uncertainty = _get(avatars, "uncertainty", str, path, "avatars", required=False, default="release")
     weighting = _get(avatars, "weighting", str, path, "avatars", required=False, default="mean")
     perturbation = _get(avatars, "perturbation", str, path, "avatars", required=False, default="dropout")
     sigma_momentum = _get(avatars, "sigma_momentum", float, path, "avatars", required=False, default=0.1)
     if num < 0:
-        _fail(path, "avatars.num", f"must be >= 0, got {num}")
+        _fail(path, "avatars.num_avatars", f"must be >= 0, got {num}")
     if not 0 <= drop_rate < 1:
         _fail(path, "avatars.drop_rate", f"must be in [0, 1), got {drop_rate}")
     if uncertainty not in UNCERTAINTY_MODES:

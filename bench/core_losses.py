@@ -7,6 +7,7 @@ On CPU each configuration runs in a fresh process, so peak memory is that config
 one process, each measured by torch.cuda.max_memory_allocated over the same baseline after a reset.
 
     python bench/core_losses.py [--device cpu|cuda] [--repeats 5] [--json out.json]
+                                [--uncertainty release|paper|none] [--bases cwd,mse] [--avatars 0,1,8]
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(base: str, avatars: int, device: str, repeats: int) -> dict:
+def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str = "release") -> dict:
     """One configuration, in this process."""
     import torch
 
@@ -48,7 +49,7 @@ def measure(base: str, avatars: int, device: str, repeats: int) -> dict:
 
     torch.manual_seed(0)
     kwargs = {"channels": 256, "num_levels": len(SHAPES)} if BASE_LOSSES[base].needs_channels else {}
-    loss_fn = AKDLoss(base=base, num_avatars=avatars, **kwargs).to(device)
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=uncertainty, **kwargs).to(device)
     student = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
     teacher = [torch.randn(s, device=device) for s in SHAPES]
     context = {}
@@ -96,31 +97,32 @@ def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
     return dict(timed, peak_mib=run(["--repeats", "0"], dict(os.environ, **CPU_MEMORY_ENV))["peak_mib"])
 
 
-def run_all(device: str, repeats: int) -> list:
+def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES, avatar_counts=AVATARS) -> list:
+    common = ["--uncertainty", uncertainty, "--bases", ",".join(bases), "--avatars", ",".join(map(str, avatar_counts))]
     if device == "cuda":
         # max_memory_allocated counts live tensors only (not the caching allocator's reserve), and
         # measure() resets it, so on CUDA one process serves every configuration.
-        out = subprocess.run([sys.executable, __file__, "--all-here", "--device", device, "--repeats", str(repeats)],
-                             capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--all-here", "--device", device, "--repeats", str(repeats),
+                              *common], capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(out.stderr[-2000:])
         return json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
-    for base in BASES:
-        for avatars in AVATARS:
-            rows.append(_measure_in_subprocesses([__file__, "--one", base, str(avatars), "--device", device],
-                                                 repeats, device))
+    for base in bases:
+        for avatars in avatar_counts:
+            rows.append(_measure_in_subprocesses([__file__, "--one", base, str(avatars), "--device", device,
+                                                  *common], repeats, device))
             print(f"  {base:>6} x{avatars}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows
 
 
-def markdown(rows: list) -> str:
-    lines = ["| base loss | " + " | ".join(f"{k} Avatar{'s' if k > 1 else ''}" if k else "plain" for k in AVATARS) + " |",
-             "|---|" + "---|" * len(AVATARS)]
-    for base in BASES:
+def markdown(rows: list, bases=BASES, avatar_counts=AVATARS) -> str:
+    lines = ["| base loss | " + " | ".join(f"{k} Avatar{'s' if k > 1 else ''}" if k else "plain" for k in avatar_counts)
+             + " |", "|---|" + "---|" * len(avatar_counts)]
+    for base in bases:
         plain = next(r for r in rows if r["base"] == base and r["avatars"] == 0)
         cells = []
-        for k in AVATARS:
+        for k in avatar_counts:
             r = next(r for r in rows if r["base"] == base and r["avatars"] == k)
             if k == 0:
                 cells.append(f"{r['ms']:.0f} ms, {r['peak_mib']:.0f} MiB")
@@ -135,20 +137,28 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
+    parser.add_argument("--uncertainty", default="release", help="the factor: release, paper or none")
+    parser.add_argument("--bases", default=",".join(BASES), help="comma-separated base losses")
+    parser.add_argument("--avatars", default=",".join(map(str, AVATARS)), help="comma-separated counts; 0 first")
     parser.add_argument("--one", nargs=2, metavar=("BASE", "AVATARS"), help=argparse.SUPPRESS)
     parser.add_argument("--all-here", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    bases = tuple(args.bases.split(","))
+    counts = tuple(int(k) for k in args.avatars.split(","))
+    if counts[0] != 0:
+        raise SystemExit("--avatars must start with 0 (the plain loss every other count is compared with)")
     if args.all_here:
-        print(json.dumps([measure(base, avatars, args.device, args.repeats) for base in BASES for avatars in AVATARS]))
+        print(json.dumps([measure(base, avatars, args.device, args.repeats, args.uncertainty)
+                          for base in bases for avatars in counts]))
         return
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.repeats)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.repeats, args.uncertainty)))
         return
-    rows = run_all(args.device, args.repeats)
+    rows = run_all(args.device, args.repeats, args.uncertainty, bases, counts)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
-    print(markdown(rows))
+    print(markdown(rows, bases, counts))
 
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ def bench_startup(repeats: int = 10) -> str:
     return section("`akd --help` start-up", " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)), body, verdict)
 
 
-def bench_core(device: str) -> str:
+def bench_core(device: str, uncertainty: str = "release", bases: str = "", avatars: str = "") -> str:
     # A GPU step takes milliseconds: more repeats for a stable median at no real cost.
-    cmd = [PY, str(BENCH / "core_losses.py"), "--device", device, "--repeats", "20" if device == "cuda" else "5"]
+    cmd = [PY, str(BENCH / "core_losses.py"), "--device", device, "--repeats", "20" if device == "cuda" else "5",
+           "--uncertainty", uncertainty] + (["--bases", bases] if bases else []) + (["--avatars", avatars] if avatars else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
     from akd_cli.core.losses import BASE_LOSSES
 
@@ -86,8 +87,13 @@ def bench_core(device: str) -> str:
     note = ("Cells: the plain base loss's forward+backward time and peak memory, then AKD's as multiples of it. "
             f"From 2 Avatars, {', '.join(fused)} fuse the Avatars before the student-side term"
             + (f"; {', '.join(looped)} loop{'s' if len(looped) == 1 else ''} over them" if looped else "")
-            + ". One Avatar is the base loss on it (its factor is 1).")
-    return section(f"AKD core: loss forward+backward, ResNet-50 FPN shapes at 1333x800, batch 2 ({device})",
+            + ". " + {"release": "The release's factor standardises the student (and MGD's, MasKD's, FGD's, PKD's, "
+                                 "MSE's Avatars) with batch statistics.",
+                      "paper": "The paper's factor draws the Avatars twice (once for sigma, once for the loss) "
+                               "and divides Avatars and student by sigma.",
+                      "none": "No factor: one Avatar is the base loss on it."}[uncertainty])
+    return section(f"AKD core, {uncertainty} factor: loss forward+backward, ResNet-50 FPN shapes at 1333x800, batch 2 "
+                   f"({device})",
                    " ".join(["python bench/core_losses.py"] + cmd[2:]), out.strip(), note)
 
 
@@ -143,6 +149,9 @@ def main() -> None:
     parser.add_argument("--devices", default="cpu,cuda",
                         help="comma-separated: cpu,cuda (the core and train parts; cuda where present)")
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
+    parser.add_argument("--factors", default="release,paper", help="the core part's uncertainty factors")
+    parser.add_argument("--core-bases", default="", help="the core part's base losses (default: all)")
+    parser.add_argument("--core-avatars", default="", help="the core part's Avatar counts, 0 first (default: 0,1,2,4,8)")
     args = parser.parse_args()
     import torch
 
@@ -154,7 +163,9 @@ def main() -> None:
     if "startup" in parts:
         sections.append(bench_startup())
     if "core" in parts:
-        sections += [bench_core(device) for device, wanted in (("cpu", cpu), ("cuda", cuda)) if wanted]
+        sections += [bench_core(device, factor, args.core_bases, args.core_avatars)
+                     for device, wanted in (("cpu", cpu), ("cuda", cuda)) if wanted
+                     for factor in args.factors.split(",")]
     if "train" in parts:
         if cpu:
             sections.append(bench_train_step("tiny-fcos-r34-r18", "128x128", 8, "cpu", 20))

@@ -74,10 +74,10 @@ VALID = (REPO / "presets" / f"{TINY}.yaml").read_text()
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("method: cwd", "method: kd"), "distill.method: unknown method 'kd'"),
     (lambda t: t.replace("drop_rate: 0.1", "drop_rate: 1.5"), r"avatars.drop_rate: must be in \[0, 1\)"),
-    (lambda t: t.replace("num: 1,", "num: -2,"), "avatars.num: must be >= 0"),
+    (lambda t: t.replace("num_avatars: 1,", "num_avatars: -2,"), "avatars.num_avatars: must be >= 0"),
     (lambda t: t.replace("uncertainty: release", "uncertainty: variance"), "avatars.uncertainty: unknown mode 'variance'"),
     (lambda t: t.replace("weighting: mean", "weighting: median"), "avatars.weighting: unknown 'median'"),
-    (lambda t: t.replace("num: 1,", "num: 1, count: 2,"), "avatars.count: unknown field"),
+    (lambda t: t.replace("num_avatars: 1,", "num: 1,"), "avatars.num: unknown field"),
     (lambda t: t.replace("epochs: 12", "epochs: twelve"), "schedule.epochs: expected an integer"),
     (lambda t: t.replace("name: tiny-fcos-r34-r18", "name: other"), "name: must equal the file name"),
     (lambda t: t + "\nlearning_rate: 3\n", "learning_rate: unknown field"),
