@@ -202,7 +202,7 @@ class AKDDistiller(BaseDetector):
 
     # --- training ---------------------------------------------------------------------------
     def forward_train(self, img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore=None, **kwargs):
-        if not self.distill:
+        if not self.distill and not self.heads:
             return self.student.forward_train(img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore, **kwargs)
         with self.student_recorder, self.student_inputs:
             losses = self.student.forward_train(img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore, **kwargs)
