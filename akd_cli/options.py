@@ -106,10 +106,6 @@ class TrainOptions:
         if self.iters and self.kind != "tokens":
             raise UserError("--iters sets the length of --learn-tokens; training runs use --epochs")
 
-    @property
-    def distills(self) -> bool:
-        return self.kind == "student" and self.method != "none"
-
 
 @dataclass(frozen=True)
 class EvalOptions:

@@ -57,8 +57,6 @@ and teacher, before any factor, and carries no gradient.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from akd_cli.names import AVATAR_WEIGHTINGS, UNCERTAINTY_MODES
@@ -126,8 +124,7 @@ def inverse_sigma(sigma2: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(sigma2 + eps)
 
 
-def update_running(running: torch.Tensor, batch: torch.Tensor, steps: torch.Tensor, momentum: float,
-                   ) -> Optional[torch.Tensor]:
+def update_running(running: torch.Tensor, batch: torch.Tensor, steps: torch.Tensor, momentum: float) -> torch.Tensor:
     """running <- (1 - m) running + m batch, in place; the first step takes the batch value."""
     if int(steps) == 0:
         running.copy_(batch)

@@ -69,6 +69,11 @@ def cached_download(url: str, model_dir=None) -> str:
     return cached
 
 
+def without_ddp_prefix(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Weights saved from a DDP-wrapped model carry a ``module.`` prefix; the bare model's keys do not."""
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
 def load_state_dict(checkpoint: str) -> Dict[str, Any]:
     """The weights of a local checkpoint file (``module.`` prefixes of DDP dropped)."""
     from akd_cli.errors import UserError
@@ -82,7 +87,7 @@ def load_state_dict(checkpoint: str) -> Dict[str, Any]:
     state_dict = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserError(f"{checkpoint} holds no state dict")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    return without_ddp_prefix(state_dict)
 
 
 def load_weights(model, checkpoint: str, role: str) -> None:
@@ -91,8 +96,7 @@ def load_weights(model, checkpoint: str, role: str) -> None:
 
     state = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")  # weights_only: see compat
     state_dict = state.get("state_dict", state) if isinstance(state, dict) else state
-    state_dict = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    load_checked(model, state_dict, checkpoint, role)
+    load_checked(model, without_ddp_prefix(state_dict), checkpoint, role)
 
 
 def load_checked(model, state_dict: dict, checkpoint: str, role: str) -> None:

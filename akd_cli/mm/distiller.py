@@ -255,7 +255,7 @@ class AKDDistiller(BaseDetector):
             self.teacher.rpn_head(x)
         modules = dict(self.teacher.named_modules())
         for extractor_name, (student_name, indices) in self._fed.items():
-            calls = self.student_inputs.inputs.get(student_name, [])
+            calls = self.student_inputs.calls.get(student_name, [])
             extractor, head = modules[extractor_name], modules[_roi_head_of(extractor_name)]
             for recorded in calls:
                 args = [x[:extractor.num_inputs], None]

@@ -22,61 +22,53 @@ def find_module(model: nn.Module, name: str, role: str, where: Optional[str] = N
     return modules[name]
 
 
-class FeatureRecorder:
-    """Records the outputs of named submodules inside ``with recorder:`` (and only there).
+class _Recorder:
+    """What a hook records per module name, kept only inside ``with recorder:``; entering clears
+    what an earlier pass recorded."""
 
-    A module called once with a tuple output (an FPN neck) yields its levels; a module called once
-    per level (a shared head branch) yields one output per call. Entering clears what an earlier
-    pass recorded.
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str], role: str, where: Optional[Dict[str, str]] = None):
-        self.outputs: Dict[str, List[torch.Tensor]] = {}
+    def __init__(self):
+        self.calls: Dict[str, list] = {}
         self.recording = False
-        self._handles = [find_module(model, name, role, (where or {}).get(name)).register_forward_hook(self._hook(name))
-                         for name in dict.fromkeys(names)]
 
-    def _hook(self, name):
-        def record(module, inputs, output):
-            if self.recording:
-                self.outputs.setdefault(name, []).append(output)
-        return record
+    def _store(self, name: str, value) -> None:
+        if self.recording:
+            self.calls.setdefault(name, []).append(value)
 
-    def __enter__(self) -> "FeatureRecorder":
-        self.outputs = {}
+    def __enter__(self):
+        self.calls = {}
         self.recording = True
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.recording = False
 
+
+class FeatureRecorder(_Recorder):
+    """Records the outputs of named submodules inside ``with recorder:`` (and only there).
+
+    A module called once with a tuple output (an FPN neck) yields its levels; a module called once
+    per level (a shared head branch) yields one output per call.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str, where: Optional[Dict[str, str]] = None):
+        super().__init__()
+        self._handles = [find_module(model, name, role, (where or {}).get(name)).register_forward_hook(
+            lambda module, inputs, output, name=name: self._store(name, output)) for name in dict.fromkeys(names)]
+
     def levels(self, name: str) -> List[torch.Tensor]:
-        calls = self.outputs.get(name, [])
+        calls = self.calls.get(name, [])
         if len(calls) == 1 and isinstance(calls[0], (tuple, list)):
             return list(calls[0])
         return list(calls)
 
 
-class InputRecorder:
+class InputRecorder(_Recorder):
     """Records the positional inputs at given indices of named modules inside ``with recorder:``
-    (the student's RoIs as its RoI extractor receives them)."""
+    (the student's RoIs as its RoI extractor receives them): ``calls[name]`` holds one list per call."""
 
-    def __init__(self, model: nn.Module, specs: Dict[str, Sequence[int]], role: str, where: Optional[Dict[str, str]] = None):
-        self.inputs: Dict[str, List[List[torch.Tensor]]] = {}
-        self.recording = False
+    def __init__(self, model: nn.Module, specs: Dict[str, Sequence[int]], role: str,
+                 where: Optional[Dict[str, str]] = None):
+        super().__init__()
         self._handles = [find_module(model, name, role, (where or {}).get(name)).register_forward_pre_hook(
-            self._hook(name, list(indices))) for name, indices in specs.items()]
-
-    def _hook(self, name, indices):
-        def record(module, inputs):
-            if self.recording:
-                self.inputs.setdefault(name, []).append([inputs[i] for i in indices])
-        return record
-
-    def __enter__(self) -> "InputRecorder":
-        self.inputs = {}
-        self.recording = True
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.recording = False
+            lambda module, inputs, name=name, indices=tuple(indices): self._store(name, [inputs[i] for i in indices]))
+            for name, indices in specs.items()]

@@ -23,7 +23,7 @@ from mmdet.models import DETECTORS, build_detector  # noqa: E402
 from mmdet.models.detectors.base import BaseDetector  # noqa: E402
 
 from akd_cli.core.tokens import ReceptiveTokens  # noqa: E402
-from akd_cli.mm.checkpoints import load_checkpoint_file, load_weights  # noqa: E402
+from akd_cli.mm.checkpoints import load_checkpoint_file, load_weights, without_ddp_prefix  # noqa: E402
 from akd_cli.mm.recorder import find_module  # noqa: E402
 
 TOKEN_PREFIX = "mask_modules."
@@ -112,7 +112,7 @@ def export_tokens(full_checkpoint: str, out: str) -> str:
 
     full_checkpoint = os.path.realpath(full_checkpoint)
     state = load_checkpoint_file(full_checkpoint, map_location="cpu")
-    tokens = {k[7:] if k.startswith("module.") else k: v for k, v in state["state_dict"].items()}
+    tokens = without_ddp_prefix(state["state_dict"])
     tokens = {k: v for k, v in tokens.items() if k.startswith(TOKEN_PREFIX)}
     meta = {k: v for k, v in state.get("meta", {}).items() if k in ("akd_version", "iter", "time")}
     meta["exported_from"] = os.path.basename(full_checkpoint)
