@@ -15,11 +15,12 @@ import typer
 from akd_cli import __version__, names
 from akd_cli.errors import UserError
 
+PIPED_WIDTH = 160
 app = typer.Typer(
     name="akd",
     help="Avatar Knowledge Distillation (AvatarKD) for object detectors on mmdet 2.x.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -110,6 +111,8 @@ def data_synth(
                                      progress=lambda n: progress.advance(task, n))
         except FileExistsError as exc:
             raise UserError(str(exc)) from None
+        except OSError as exc:
+            raise UserError(f"cannot write the dataset to {out}: {exc.strerror or exc}") from None
     if written:
         console.print(f"wrote {train_images} train + {val_images} val images ({classes} classes) to {out}")
     else:
@@ -175,7 +178,15 @@ def _path(value: Optional[Path]) -> Optional[str]:
     return None if value is None else str(value)
 
 
-_PRESET = typer.Option(None, "--preset", "-p", help="Preset name (see 'akd presets') or a preset YAML file.")
+def _complete_preset(incomplete: str) -> List[str]:
+    """Shell completion of preset names: the files' names, without reading them (stays instant)."""
+    from akd_cli.presets import preset_paths
+
+    return [name for name in preset_paths() if name.startswith(incomplete)]
+
+
+_PRESET = typer.Option(None, "--preset", "-p", help="Preset name (see 'akd presets') or a preset YAML file.",
+                       autocompletion=_complete_preset)
 _DATA_ROOT = typer.Option(None, "--data-root", help="Dataset root (COCO layout), replacing the preset's.")
 _TEACHER_CKPT = typer.Option(None, "--teacher-checkpoint", help="Teacher weights: a path or URL (default: the preset's).")
 _METHOD = typer.Option(None, "--method", help="Base loss, or none (the student baseline).")
@@ -404,7 +415,8 @@ def _print_rich_tables(rows) -> None:
 
 @app.command("visualize")
 def visualize_command(
-    preset: str = typer.Option(..., "--preset", "-p", help="Preset name (see 'akd presets')."),
+    preset: str = typer.Option(..., "--preset", "-p", help="Preset name (see 'akd presets').",
+                               autocompletion=_complete_preset),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="The student: exported or a full akd checkpoint."),
     image: Path = typer.Option(..., "--image", help="The image to look at."),
     out: Path = typer.Option(Path("vis"), "--out", "-o", help="Directory for the PNGs."),
@@ -473,8 +485,11 @@ def _is(exc: BaseException, *class_names: str) -> bool:
 def main(argv: Optional[list] = None) -> None:
     """Entry point of the console script. Bad input (usage errors and UserError) becomes one line on
     stderr and exit code 2; Ctrl-C exits 130."""
+    _whole_lines_when_piped()
     try:
         code = app(args=argv, prog_name="akd", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into Exit(130) without a word
+            code = _interrupted()
     except UserError as exc:
         _error(str(exc))
         code = 2
@@ -493,6 +508,19 @@ def main(argv: Optional[list] = None) -> None:
         else:
             raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _whole_lines_when_piped() -> None:
+    """Help piped into a file or a pager: typer's rich help would fit 80 columns and cut option
+    names ("--token-file,--t…"); with no terminal to fit, lay it out wide (an explicit COLUMNS or
+    TERMINAL_WIDTH still wins)."""
+    if sys.stdout.isatty() or "COLUMNS" in os.environ or "TERMINAL_WIDTH" in os.environ:
+        return
+    rich_utils = sys.modules.get("typer.rich_utils")
+    if rich_utils is not None:
+        rich_utils.MAX_WIDTH = PIPED_WIDTH
+    else:
+        os.environ["TERMINAL_WIDTH"] = str(PIPED_WIDTH)  # read when typer loads its help renderer
 
 
 def _interrupted() -> int:

@@ -183,7 +183,12 @@ def update_readme(path: Path, block: str, check: bool = False) -> bool:
     """Write the block between the markers. Returns True when the file changed (or, with ``check``,
     would change); with ``check`` nothing is written."""
     path = Path(path)
-    text = path.read_text() if path.exists() else ""
+    if path.is_dir():
+        raise UserError(f"--readme {path} is a directory, not a file")
+    try:
+        text = path.read_text() if path.exists() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     new = splice(text, block, str(path))
     if new == text:
         return False

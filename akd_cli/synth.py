@@ -304,6 +304,8 @@ def generate(spec: SynthSpec, out: Path, *, force: bool = False,
     out = Path(out)
     meta = {"format_version": FORMAT_VERSION, **asdict(spec)}
     if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} is a file; --out takes a directory")
         if read_meta(out) == meta:
             return False
         if any(out.iterdir()) and not force:

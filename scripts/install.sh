@@ -25,8 +25,11 @@ MMDET_VERSION="2.28.2"
 # mmcv/mmdet bring their own); the registry's torchvision builds for torch>=2.x need libtorch_cuda.
 CPU_TORCHVISION_FALLBACK="0.16.2"
 
-say() { printf '\033[1;34m[akd install]\033[0m %s\n' "$*"; }
-die() { printf '\033[1;31m[akd install] error:\033[0m %s\n' "$*" >&2; exit 1; }
+# Colour only on a terminal (and never with NO_COLOR): a redirected log gets plain text.
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then BLUE='\033[1;34m'; OFF='\033[0m'; else BLUE=''; OFF=''; fi
+if [ -t 2 ] && [ -z "${NO_COLOR:-}" ]; then RED='\033[1;31m'; EOFF='\033[0m'; else RED=''; EOFF=''; fi
+say() { printf "${BLUE}[akd install]${OFF} %s\n" "$*"; }
+die() { printf "${RED}[akd install] error:${EOFF} %s\n" "$*" >&2; exit 1; }
 
 # The stamp records what was installed; it changes when this script or the package metadata does.
 STAMP="$VENV/.akd-install-stamp"

@@ -44,6 +44,39 @@ def synth_root(tmp_path_factory):
     return root
 
 
+OWN_CATEGORIES = ((3, "wheel"), (7, "crate"), (9, "sail"))
+
+
+def make_own_dataset(root: Path, train_images=12, val_images=6, seed=5) -> Path:
+    """A COCO-layout dataset of its own (annotations/instances_{train,val}2017.json, train2017/,
+    val2017/) whose three categories have non-contiguous ids (3, 7, 9) and names no preset knows:
+    synthetic shapes, relabelled."""
+    import json
+    import shutil
+
+    from akd_cli import synth
+
+    source = root.parent / f".{root.name}-source"
+    synth.generate(synth.SynthSpec(train_images=train_images, val_images=val_images, image_size=128,
+                                   num_classes=3, seed=seed), source)
+    (root / "annotations").mkdir(parents=True)
+    ids = {i + 1: cat_id for i, (cat_id, _) in enumerate(OWN_CATEGORIES)}
+    for split in ("train", "val"):
+        shutil.copytree(source / split, root / f"{split}2017")
+        coco = json.loads((source / "annotations" / f"instances_{split}.json").read_text())
+        coco["categories"] = [{"id": cat_id, "name": name, "supercategory": "thing"} for cat_id, name in OWN_CATEGORIES]
+        for ann in coco["annotations"]:
+            ann["category_id"] = ids[ann["category_id"]]
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
+    shutil.rmtree(source)
+    return root
+
+
+@pytest.fixture(scope="session")
+def own_root(tmp_path_factory):
+    return make_own_dataset(tmp_path_factory.mktemp("own") / "coco")
+
+
 @pytest.fixture(scope="session")
 def teacher_run(synth_root, tmp_path_factory):
     """The tiny teacher trained alone for 32 iterations: enough to detect something (AP > 0)."""

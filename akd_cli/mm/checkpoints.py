@@ -49,10 +49,12 @@ def load_checkpoint_file(filename: str, map_location=None):
                 f"{filename} holds Python objects ({needs.group(1)}) that can only be loaded by running pickled "
                 f"code; if you trust where it came from, pass --trust-checkpoint (or set {TRUST_ENV}=1)") from None
         raise CorruptCheckpointError(f"cannot read checkpoint {filename}: corrupt, truncated or not a torch file") from None
-    except (RuntimeError, EOFError) as exc:
-        if isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc) or "zip archive" in str(exc):
-            raise CorruptCheckpointError(f"cannot read checkpoint {filename}: corrupt, truncated or not a torch file") from None
-        raise
+    except (OSError, MemoryError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise CorruptCheckpointError(f"cannot read checkpoint {filename}: {reason}") from None
+    except Exception as exc:  # noqa: BLE001 (a damaged file fails anywhere in the unpickler: KeyError, RuntimeError, ...)
+        raise CorruptCheckpointError(f"cannot read checkpoint {filename}: corrupt, truncated or not a torch file "
+                                     f"({type(exc).__name__})") from None
 
 
 def cached_download(url: str, model_dir=None) -> str:

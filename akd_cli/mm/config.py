@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from akd_cli.errors import UserError
+from akd_cli.mm.data import size_heads, use_dataset
 from akd_cli.options import TrainOptions
 from akd_cli.presets import OPTIMIZER_PARTS, ModelSpec, Preset
 
 MMDET_SCHEME = "mmdet://"
-COCO_ROOT_IN_MMDET_CONFIGS = "data/coco/"
+COCO_ROOT = "data/coco"  # where mmdet's COCO configs expect the data
 # The modules whose import registers akd's models, runners and hooks with mmdet and mmcv: generated
 # configs import them (``custom_imports``), so mmdet's own tools run those configs too.
 REGISTERING_MODULES = ("akd_cli.mm.distiller", "akd_cli.mm.runners", "akd_cli.mm.hooks", "akd_cli.mm.token_learning")
@@ -64,38 +65,17 @@ def set_dotted(tree: Dict[str, Any], key: str, value: Any) -> None:
         node[parts[-1]] = value
 
 
-def retarget_paths(node, old_prefix: str, new_root: str):
-    """Every string of a config tree that starts with ``old_prefix``, moved under ``new_root``."""
-    if isinstance(node, dict):
-        return {k: retarget_paths(v, old_prefix, new_root) for k, v in node.items()}
-    if isinstance(node, list):
-        return [retarget_paths(v, old_prefix, new_root) for v in node]
-    if isinstance(node, str) and old_prefix and node.startswith(old_prefix):
-        return new_root.rstrip("/") + "/" + node[len(old_prefix):].lstrip("/")
-    return node
-
-
 def lr_steps(epochs: int) -> list:
     """The step schedule's decay epochs for a run of ``epochs``: mmdet's 1x/2x proportions (8 and 11
     of 12), the one formula of every akd config."""
     return [max(1, round(epochs * 8 / 12)), max(1, round(epochs * 11 / 12))]
 
 
-def retarget_data_root(cfg: Dict[str, Any], new_root: str) -> Dict[str, Any]:
-    """The config with every data path under its ``data_root`` (mmdet's COCO default when it names
-    none) moved under ``new_root``."""
-    cfg = dict(cfg)
-    old = cfg.get("data_root") or COCO_ROOT_IN_MMDET_CONFIGS
-    cfg["data"] = retarget_paths(cfg["data"], old, new_root)
-    cfg["data_root"] = new_root.rstrip("/") + "/"
-    return cfg
-
-
 def synth_training_config(data: Dict[str, Any], data_root: str, epochs: int) -> Dict[str, Any]:
-    """Data pipeline and schedule for the synthetic shapes dataset (tiny presets)."""
+    """Data pipeline and schedule of the tiny presets (akd's synthetic layout under ``data_root``,
+    its shapes as classes; ``use_dataset`` repoints both at the dataset the root actually holds)."""
     size = int(data.get("image_size", 128))
-    num_classes = int(data.get("num_classes", 6))
-    classes = SYNTH_CLASSES[:num_classes]
+    classes = SYNTH_CLASSES[:int(data.get("num_classes", 6))]
     norm = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
     train_pipeline = [
         dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
@@ -146,12 +126,25 @@ class RunConfigs:
     notes: list = field(default_factory=list)
 
 
-def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any]) -> Dict[str, Any]:
-    """Step 1: a plain mmdet config of one detector on the preset's data and schedule (the student's
-    recipe), with the options' epochs, batch size and data root."""
+def default_data_root(preset: Preset) -> str:
+    return preset.data.get("root", "data/synth") if preset.tiny else COCO_ROOT
+
+
+def resolve_dataset(preset: Preset, options: TrainOptions):
+    """The dataset a run trains on: ``--data-root``, else the preset's default root when it holds
+    one (None when it does not yet: the data check says how to get it)."""
+    from akd_cli.mm.data import open_dataset
+
+    return open_dataset(options.data_root or default_data_root(preset), required=bool(options.data_root))
+
+
+def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any], dataset=None) -> Dict[str, Any]:
+    """Step 1: a plain mmdet config of one detector on the preset's schedule (the student's recipe)
+    and the dataset's splits and categories (heads sized to them), with the options' epochs and
+    batch size."""
     epochs = options.epochs or preset.epochs
     if preset.tiny:
-        cfg = synth_training_config(preset.data, preset.data.get("root", "data/synth"), epochs)
+        cfg = synth_training_config(preset.data, default_data_root(preset), epochs)
     else:
         from mmcv import Config
 
@@ -162,8 +155,9 @@ def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any]) -
         cfg["evaluation"] = dict(cfg.get("evaluation", {}), interval=epochs)
         cfg["checkpoint_config"] = dict(cfg.get("checkpoint_config", {}), interval=1, max_keep_ckpts=3)
     _apply_schedule(cfg, preset.schedule)
-    if options.data_root:
-        cfg = retarget_data_root(cfg, options.data_root)
+    if dataset is not None:
+        use_dataset(cfg, dataset)
+        size_heads(model, len(dataset.categories))
     if options.batch_size:
         cfg["data"] = dict(cfg["data"], samples_per_gpu=options.batch_size)
     cfg.pop("total_epochs", None)
@@ -206,15 +200,16 @@ def build_configs(preset: Preset, options: TrainOptions) -> RunConfigs:
     """
     from mmcv import Config
 
+    dataset = resolve_dataset(preset, options)
+    notes: list = [dataset.describe()] if dataset else []
     if options.kind == "tokens":
-        plain = plain_config(preset, options, _model_dict(preset.teacher))
-        return RunConfigs(_token_learning_config(preset, plain, options))
+        plain = plain_config(preset, options, _model_dict(preset.teacher), dataset)
+        return RunConfigs(_token_learning_config(preset, plain, options), notes=notes)
     trained = preset.teacher if options.kind == "teacher" else preset.student
-    plain = plain_config(preset, options, _model_dict(trained))
+    plain = plain_config(preset, options, _model_dict(trained), dataset)
     method = "none" if options.kind == "teacher" else (options.method or preset.method)
     if options.token_file and method != "maskd":
         raise UserError(f"receptive tokens are for the MasKD base loss; this run distils with {method}")
-    notes: list = []
     setting = None
     if method not in ("none", preset.method):
         from akd_cli.presets import method_setting
@@ -226,7 +221,7 @@ def build_configs(preset: Preset, options: TrainOptions) -> RunConfigs:
         if setting and setting.grad_clip:
             plain["optimizer_config"] = dict(grad_clip=dict(max_norm=setting.grad_clip, norm_type=2))
     cfg = copy.deepcopy(plain)
-    cfg["model"] = _distiller(preset, options, plain["model"], method, setting)
+    cfg["model"] = _distiller(preset, options, plain["model"], method, setting, dataset)
     cfg["optimizer"] = dict(cfg["optimizer"], constructor="AKDOptimizerConstructor")
     fixed = [OPTIMIZER_PARTS[part] for part in preset.optimizer_fixed] if method == preset.method else []
     if fixed:  # the recipe's optimiser leaves these distiller modules as they are (lr_mult 0)
@@ -284,7 +279,7 @@ def _features(preset: Preset, setting) -> list:
 
 
 def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], method: str,
-               setting=None) -> Dict[str, Any]:
+               setting=None, dataset=None) -> Dict[str, Any]:
     """Step 2: the distiller around the student (without a teacher for the baseline). A method other
     than the preset's comes with its own settings for the preset's family (``setting``), not the
     row's head terms, inherited and fixed modules."""
@@ -292,8 +287,11 @@ def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], m
     if method == "none":
         return model
     own = method == preset.method
+    teacher = _model_dict(preset.teacher)
+    if dataset is not None:
+        size_heads(teacher, len(dataset.categories))
     model.update(
-        teacher=_model_dict(preset.teacher),
+        teacher=teacher,
         teacher_checkpoint=options.teacher_checkpoint or preset.teacher.checkpoint, method=method,
         options=dict(dict(preset.options) if own else dict(setting.options) if setting else {},
                      **({"token_file": options.token_file} if options.token_file else {})),
@@ -335,8 +333,7 @@ def _with_akd_runtime(cfg: Dict[str, Any], options: TrainOptions):
     cfg["custom_hooks"] = hooks + [dict(type="RichProgressHook", priority="VERY_LOW")]
     cfg["custom_imports"] = dict(imports=list(REGISTERING_MODULES), allow_failed_imports=False)
     config = Config(cfg)
-    if options.cfg_options:
-        config.merge_from_dict(options.cfg_options)
+    merge_cfg_options(config, options.cfg_options)
     return config
 
 
@@ -396,11 +393,143 @@ def parse_cfg_options(items: Sequence[str]) -> Dict[str, Any]:
 
     options: Dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise UserError(f"--cfg-options takes key=value pairs, got {item!r}")
-        key, value = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or value.startswith("="):
+            raise UserError(f"--cfg-options takes key=value pairs (one '=' between them), got {item!r}")
         try:
-            options[key] = ast.literal_eval(value)
+            options[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            options[key] = value
+            options[key.strip()] = value
     return options
+
+
+def check_cfg_keys(tree: Dict[str, Any], cfg_options: Dict[str, Any]) -> None:
+    """Every ``--cfg-options`` key names a key the config has (a list item by its index): a typo
+    would otherwise add a key nothing reads. Refused with the closest keys at the level it fails."""
+    import difflib
+
+    for key in cfg_options:
+        node: Any = tree
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            here = ".".join(parts[:depth])
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+                continue
+            if isinstance(node, dict):
+                close = difflib.get_close_matches(part, [str(k) for k in node], n=3, cutoff=0.5)
+                where = f"{here}." if here else ""
+                hint = (f"; did you mean {' or '.join(where + c for c in close)}?" if close
+                        else f"; {here or 'the config'} has {', '.join(sorted(map(str, node))[:12])}")
+            elif isinstance(node, list):
+                hint = f"; {here} is a list of {len(node)} (index it 0..{len(node) - 1})"
+            else:
+                hint = f"; {here} is {node!r}, not a mapping (set {here}=... whole)"
+            raise UserError(f"--cfg-options {key}: the config has no such key{hint}")
+
+
+def merge_cfg_options(config, cfg_options: Dict[str, Any]) -> None:
+    """``--cfg-options`` into an mmcv Config, each key checked first."""
+    if cfg_options:
+        check_cfg_keys(config._cfg_dict.to_dict(), cfg_options)
+        config.merge_from_dict(cfg_options)
+
+
+# The options that shape what a run trains; a resumed run keeps what it started with.
+SHAPING_OPTIONS = {"method": "--method", "num_avatars": "--num-avatars", "drop_rate": "--drop-rate",
+                   "uncertainty": "--uncertainty", "weighting": "--weighting", "perturbation": "--perturbation",
+                   "teacher_checkpoint": "--teacher-checkpoint", "token_file": "--token-file",
+                   "data_root": "--data-root", "batch_size": "--batch-size"}
+AVATAR_OPTIONS = ("num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation")
+
+
+def set_epochs(cfg: Dict[str, Any], epochs: int, *, keep_steps: bool = False) -> str:
+    """A config's run length in epochs (evaluation at the end); the step schedule follows
+    (mmdet's 8/12 and 11/12) unless ``keep_steps`` (a resumed run keeps the steps it has had)."""
+    runner = cfg.get("runner") or {}
+    if "max_epochs" not in runner:
+        raise UserError(f"--epochs: this config runs {runner.get('type', 'no runner')} by iterations "
+                        f"(max_iters); set its length with --iters or --cfg-options runner.max_iters=N")
+    cfg["runner"] = dict(runner, max_epochs=epochs)
+    if "evaluation" in cfg:
+        cfg["evaluation"] = dict(cfg["evaluation"], interval=epochs)
+    lr_config = dict(cfg.get("lr_config") or {})
+    if lr_config.get("policy") == "step" and not keep_steps:
+        lr_config["step"] = lr_steps(epochs)
+        cfg["lr_config"] = lr_config
+    steps = f", learning-rate steps at {lr_config['step']}" if lr_config.get("policy") == "step" else ""
+    return f"{epochs} epoch{'s' if epochs != 1 else ''}{steps}"
+
+
+def apply_options(cfg: Dict[str, Any], options: TrainOptions) -> list:
+    """The command line's options applied to a config file's contents (``--config``), each where
+    it belongs, or refused in one line where the config has no such thing; returns notes."""
+    notes = []
+    model = cfg.get("model") or {}
+    distils = model.get("type") == "AKDDistiller" and model.get("teacher") is not None
+    learns_tokens = model.get("type") == "ReceptiveTokenLearner"
+    if options.kind != "student":
+        raise UserError("--train-teacher and --learn-tokens make their config from a preset: use --preset")
+    if options.method is not None:
+        raise UserError("--method picks a preset's base loss with its settings; a config file fixes its own "
+                        "(model.method and model.options): edit it, or use --preset")
+    if options.data_root:
+        from akd_cli.mm.data import open_dataset
+
+        dataset = open_dataset(options.data_root, required=True)
+        use_dataset(cfg, dataset)
+        size_heads(model, len(dataset.categories))
+        notes.append(dataset.describe())
+    if options.teacher_checkpoint:
+        if distils:
+            model["teacher_checkpoint"] = options.teacher_checkpoint
+        elif learns_tokens:
+            model["checkpoint"] = options.teacher_checkpoint
+        else:
+            raise UserError("--teacher-checkpoint: this config has no teacher (it trains a detector alone)")
+    for name in AVATAR_OPTIONS:
+        value = getattr(options, name)
+        if value is None:
+            continue
+        if not distils:
+            raise UserError(f"{SHAPING_OPTIONS[name]}: this config distils nothing (model type "
+                            f"{model.get('type')!r} without a teacher), so it has no Avatars")
+        model["avatars"] = dict(model.get("avatars") or {}, **{name: value})
+    if options.token_file:
+        if not (distils and model.get("method") == "maskd"):
+            raise UserError("--token-file: receptive tokens are for a MasKD distillation; this config is not one")
+        model["options"] = dict(model.get("options") or {}, token_file=options.token_file)
+    if options.epochs:
+        notes.append(f"--config: {set_epochs(cfg, options.epochs)}")
+    if options.iters:
+        raise UserError("--iters sets the length of --learn-tokens, which makes its config from a preset")
+    if options.batch_size:
+        cfg["data"] = dict(cfg["data"], samples_per_gpu=options.batch_size)
+    return notes
+
+
+def resume_config(cfg: Dict[str, Any], options: TrainOptions, done_epochs: Optional[int]) -> list:
+    """A resumed run's saved config with what a resume may change: ``--epochs`` extends the run
+    (its learning-rate steps stay), ``--cfg-options`` apply; options that would make it another
+    run are refused. Returns notes."""
+    given = [flag for name, flag in SHAPING_OPTIONS.items() if getattr(options, name) is not None]
+    if given:
+        raise UserError(f"--resume continues the run as its config.py has it; {', '.join(given)} would make it "
+                        "another run: start one in a new --work-dir (or change the saved config with --cfg-options)")
+    notes = []
+    if options.epochs:
+        if done_epochs is not None and options.epochs <= done_epochs:
+            raise UserError(f"--epochs {options.epochs}: the run has already trained {done_epochs} epochs; "
+                            "--resume --epochs N extends it beyond that")
+        before = (cfg.get("runner") or {}).get("max_epochs")
+        notes.append(f"resuming, extended from {before} to {set_epochs(cfg, options.epochs, keep_steps=True)}")
+    if options.iters:
+        runner = cfg.get("runner") or {}
+        if "max_iters" not in runner:
+            raise UserError("--iters: this run counts epochs; extend it with --epochs")
+        cfg["runner"] = dict(runner, max_iters=options.iters)
+        notes.append(f"resuming, extended to {options.iters} iterations")
+    return notes

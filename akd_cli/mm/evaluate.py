@@ -37,7 +37,7 @@ def resolve_config(options: EvalOptions):
     """The config to evaluate with: --config, --preset, or the config.py of the checkpoint's work dir."""
     from mmcv import Config
 
-    from akd_cli.mm.config import build_config, retarget_data_root
+    from akd_cli.mm.config import build_config
     from akd_cli.presets import load_preset
 
     if options.preset:
@@ -52,9 +52,20 @@ def resolve_config(options: EvalOptions):
         except Exception as exc:
             raise UserError(f"cannot read config {path}: {' '.join(str(exc).split())[:200]}") from None
         if options.data_root:
-            cfg = Config(retarget_data_root(cfg._cfg_dict.to_dict(), options.data_root))
+            cfg = Config(on_dataset(cfg._cfg_dict.to_dict(), options.data_root))
     if options.cfg_options:
         cfg.merge_from_dict(options.cfg_options)
+    return cfg
+
+
+def on_dataset(cfg: Dict[str, Any], root: str) -> Dict[str, Any]:
+    """A run's config moved onto the dataset at ``root``: its splits, its categories, heads sized to
+    them (a checkpoint trained on other categories is then refused as not fitting)."""
+    from akd_cli.mm.data import open_dataset, size_heads, use_dataset
+
+    dataset = open_dataset(root, required=True)
+    use_dataset(cfg, dataset)
+    size_heads(cfg["model"], len(dataset.categories))
     return cfg
 
 
@@ -104,13 +115,21 @@ def coco_metrics(dataset, results_json: str) -> Dict[str, float]:
     """COCOeval (bbox) with mmdet's parameters on a COCO results file."""
     from pycocotools.cocoeval import COCOeval
 
+    from pycocotools.coco import COCO
+
     with open(results_json) as f:
         detections = json.load(f)
-    if not detections:  # pycocotools cannot load an empty result list; no detection means AP 0
-        return {name: 0.0 for name in METRIC_NAMES}
     coco_gt = dataset.coco
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(detections)
+        if detections:
+            coco_dt = coco_gt.loadRes(detections)
+        else:
+            # loadRes fails on an empty list; an empty result set scores as pycocotools scores it
+            # (0 where there is ground truth, -1 for a size range without any)
+            coco_dt = COCO()
+            coco_dt.dataset = dict(images=list(coco_gt.dataset["images"]), annotations=[],
+                                   categories=list(coco_gt.dataset["categories"]))
+            coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         evaluator.params.catIds = dataset.cat_ids
         evaluator.params.imgIds = dataset.img_ids
@@ -220,7 +239,7 @@ def launch_eval(options: EvalOptions) -> Dict[str, Any]:
     from akd_cli.mm import compat
 
     compat.apply()
-    from akd_cli.mm.checks import check_dataset
+    from akd_cli.mm.data import check_data
     from akd_cli.mm.config import dump_config
     from akd_cli.mm.launch import resolve_device, run_job
 
@@ -228,7 +247,7 @@ def launch_eval(options: EvalOptions) -> Dict[str, Any]:
         raise UserError(f"checkpoint not found: {options.checkpoint}")
     device = resolve_device(options.launch)
     cfg = resolve_config(options)
-    check_dataset(cfg.data, splits=("test",))
+    check_data(cfg.data, splits=("test",))
     scratch = Path(tempfile.mkdtemp(prefix="akd-eval-"))
     try:
         config = dump_config(cfg, scratch / "config.py")

@@ -144,6 +144,7 @@ def run_workers(worker_args: Sequence[str], plan: LaunchPlan, device: str, poll_
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -155,6 +156,13 @@ def run_workers(worker_args: Sequence[str], plan: LaunchPlan, device: str, poll_
     try:
         with _worker_environment(plan, device):
             elastic_launch(_launch_config(plan, port, log_dir, poll_s), sys.executable)("-m", module, *worker_args)
+    except SignalException as exc:
+        import signal
+
+        # The agent turns the signals it gets into this exception once it has ended the workers.
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise UserError(f"stopped by {signal.Signals(exc.sigval).name}; the workers were ended") from None
     except ChildFailedError as exc:
         import signal
 

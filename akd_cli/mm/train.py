@@ -35,6 +35,21 @@ def _console_shows_warnings_only(*logger_names: str) -> None:
                 handler.setLevel(logging.WARNING)
 
 
+def _run_logger(log_file: str, level: str):
+    """mmdet's root logger writing into this run's own log file. mmcv sets a logger up once per
+    process and keeps its first file, so a second run in the same process (the demo's students after
+    its teacher, a study's runs) would log into the first run's directory: start it afresh."""
+    from mmcv.utils.logging import logger_initialized
+    from mmdet.utils import get_root_logger
+
+    logger = logging.getLogger("mmdet")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger_initialized.pop("mmdet", None)
+    return get_root_logger(log_file=log_file, log_level=level)
+
+
 def train(job: Job) -> Optional[str]:
     """Train the job's config on the job's device; returns (rank 0) the exported student checkpoint,
     or for token learning the token file.
@@ -55,7 +70,6 @@ def train(job: Job) -> Optional[str]:
     from mmdet.apis import set_random_seed, train_detector
     from mmdet.datasets import build_dataset
     from mmdet.models import build_detector
-    from mmdet.utils import get_root_logger
 
     for module in REGISTERING_MODULES:  # the distiller, runners, hooks and token learner
         importlib.import_module(module)
@@ -77,7 +91,7 @@ def train(job: Job) -> Optional[str]:
     if rank == 0:
         _remove_partial_checkpoints(work_dir)
     timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
-    logger = get_root_logger(log_file=osp.join(work_dir, f"{timestamp}.log"), log_level=cfg.get("log_level", "INFO"))
+    logger = _run_logger(osp.join(work_dir, f"{timestamp}.log"), cfg.get("log_level", "INFO"))
     compat.route_init_report_to(logger.name)
     if not options.verbose:
         _console_shows_warnings_only(logger.name, "mmcv")

@@ -65,6 +65,8 @@ def main(argv: Optional[list] = None) -> None:
         os.environ.update(launch.slurm_env(job.options.launch.master_port or 29500))
     try:
         result = run(job)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker; the launcher says it once
+        sys.exit(130)
     except Exception as exc:  # known failures: one line and exit code 2; bugs keep their traceback
         from akd_cli.mm.checks import friendly_message
 
