@@ -108,7 +108,7 @@ def test_eval_refusals(akd_run, synth_root, tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     assert "cannot read checkpoint" in refused("eval", garbage, "--preset", TINY, "--data-root", synth_root, cwd=tmp_path)
-    assert "annotations not found" in refused("eval", work / "student.pth", "--data-root", tmp_path / "none", cwd=tmp_path)
+    assert "data root not found" in refused("eval", work / "student.pth", "--data-root", tmp_path / "none", cwd=tmp_path)
     assert "pass --preset or --config" in refused("eval", wrong, cwd=tmp_path)
     assert "asked for 2 GPUs" in refused("eval", work / "student.pth", "--gpus", 2, cwd=tmp_path)
 

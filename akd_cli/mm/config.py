@@ -233,10 +233,11 @@ def build_configs(preset: Preset, options: TrainOptions) -> RunConfigs:
     cfg["akd"] = dict(preset=preset.name, method=method,
                       role="teacher" if options.kind == "teacher" else ("baseline" if method == "none" else "distilled"),
                       dataset="synth" if preset.tiny else "coco")
+    run = _with_akd_runtime(cfg, options)  # checks the --cfg-options keys against the whole run's config
     student = Config(plain)
     if options.cfg_options:
         student.merge_from_dict(_student_side(options.cfg_options))
-    return RunConfigs(_with_akd_runtime(cfg, options), student, notes)
+    return RunConfigs(run, student, notes)
 
 
 def _student_side(cfg_options: Dict[str, Any]) -> Dict[str, Any]:
