@@ -168,6 +168,7 @@ Device = _choices("Device", names.DEVICES)
 Launcher = _choices("Launcher", names.LAUNCHERS)
 EvalRole = _choices("EvalRole", names.EVAL_ROLES)
 TableFormat = _choices("TableFormat", names.TABLE_FORMATS)
+Logger = _choices("Logger", names.LOGGERS)
 
 
 def _value(choice):
@@ -287,6 +288,7 @@ def train_command(
     trust_checkpoint: bool = _TRUST,
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Show mmdet's whole log on the console (always in the work dir's log file)."),
+    logger: Optional[List[Logger]] = typer.Option(None, "--logger", help="Also log to tensorboard or wandb (repeatable)."),
     cfg_options: Optional[List[str]] = _CFG_OPTS,
 ) -> None:
     """Train a student with AKD (or a baseline, a tiny teacher, MasKD's tokens), on one or many workers."""
@@ -301,7 +303,7 @@ def train_command(
         epochs=epochs, batch_size=batch_size,
         cfg_options=_cfg_options(cfg_options), kind=_kind(train_teacher, learn_tokens), token_file=token_file,
         iters=iters, seed=seed, deterministic=deterministic, amp=amp, resume=resume, validate=validate,
-        verbose=verbose, trust_checkpoint=trust_checkpoint, launch=plan)
+        verbose=verbose, trust_checkpoint=trust_checkpoint, loggers=tuple(_value(v) for v in logger or []), launch=plan)
     from akd_cli.mm.runs import launch_training
 
     console = _console()
@@ -467,6 +469,89 @@ def demo_command(
     for line in summary_lines(records):
         console.print(line)
     console.print(f"table: {table}  ({records['_minutes']['value']} min)")
+
+
+@app.command("study")
+def study_command(
+    preset: str = typer.Option(..., "--preset", "-p", help="Preset name (see 'akd presets').",
+                               autocompletion=_complete_preset),
+    out: Path = typer.Option(..., "--out", "-o", help="Study directory: runs, results, plots (run again to continue)."),
+    grid: Optional[List[str]] = typer.Option(None, "--grid", help="An axis: key=v1,v2,... (repeatable; crossed)."),
+    variant: Optional[List[str]] = typer.Option(
+        None, "--variant", help="A named configuration: NAME:key=value,... (repeatable; each crossed with the grid)."),
+    seeds: int = typer.Option(5, "--seeds", min=1, max=1000, help="Seeds 0..N-1 per configuration."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The configuration the others are paired against "
+                                                                      "(default: the first)."),
+    data_root: Optional[Path] = _DATA_ROOT, teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
+    teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", min=1, max=1000,
+                                                 help="Tiny presets without a teacher: epochs of the one the study trains."),
+    epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH,
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, max=256, help="Runs at once (CPU runs share the cores)."),
+    gpus_per_run: int = typer.Option(0, "--gpus-per-run", min=0, max=64, help="GPUs per run (0: CPU runs)."),
+    logger: Optional[List[Logger]] = typer.Option(None, "--logger", help="Also log to tensorboard or wandb."),
+    cfg_options: Optional[List[str]] = _CFG_OPTS,
+) -> None:
+    """Configurations x seeds through `akd train`, then mean, sd, 95% CIs and paired tests, with plots."""
+    from akd_cli.mm.study import StudySpec, parse_grid, parse_variant, results, run_study, write_results
+
+    spec = StudySpec(preset=preset, out=str(out), seeds=tuple(range(seeds)),
+                     variants=tuple(parse_variant(v) for v in variant or []), grid=parse_grid(grid or []),
+                     baseline=baseline, data_root=_path(data_root), teacher_checkpoint=teacher_checkpoint,
+                     teacher_epochs=teacher_epochs, epochs=epochs, batch_size=batch_size,
+                     cfg_options=_cfg_options(cfg_options), jobs=jobs, gpus_per_run=gpus_per_run,
+                     loggers=tuple(_value(v) for v in logger or []))
+    console = _console()
+    total = len(spec.configurations()) * len(spec.seeds)
+    console.print(f"study: {len(spec.configurations())} configuration(s) x {len(spec.seeds)} seed(s) = {total} runs "
+                  f"in {out}", highlight=False)
+    with _progress(console) as progress:
+        task = progress.add_task("runs", total=total)
+
+        def update(done, total_, running):
+            progress.update(task, completed=done, description=f"runs ({running} running)")
+        runs = _call(run_study, spec, say=lambda line: progress.console.print(line, highlight=False),
+                     progress=update)
+    failed = [r for r in runs if r.state == "failed"]
+    for run in failed:
+        _error(f"{run.config.label} seed {run.seed} failed: {run.error} (log: {run.work_dir / 'run.log'})")
+    result = results(runs, spec.baseline_label, spec.seeds)
+    written = write_results(out, result)
+    _print_study(result)
+    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_study(result) -> None:
+    from rich.table import Table
+
+    from akd_cli.mm.study import HEADER, table_rows
+
+    table = Table(title=f"study: AP over seeds (baseline: {result['baseline']})", title_justify="left",
+                  caption="paired by seed; p: paired t-test, two-sided; wins: seeds above the baseline",
+                  caption_justify="left")
+    for column in HEADER:
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for cells in table_rows(result):
+        table.add_row(*cells)
+    _print_table(_console(), table)
+
+
+@app.command("plot")
+def plot_command(
+    work_dirs: List[Path] = typer.Argument(..., help="Run work dirs (their *.log.json)."),
+    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="The PNG to write."),
+    key: Optional[List[str]] = typer.Option(None, "--key", "-k",
+                                            help="Only these scalars (or prefixes: loss_akd, sigma_); default: all."),
+) -> None:
+    """Training curves of several runs on one figure: task losses, AKD terms per level, sigma, val AP."""
+    from akd_cli import plots
+
+    for work in work_dirs:
+        if not work.is_dir():
+            raise UserError(f"not a work dir: {work}")
+    path = _call(plots.curves, work_dirs, out, tuple(key or ()))
+    _console().print(f"wrote {path}")
 
 
 def _progress(console):

@@ -32,3 +32,11 @@ TABLE_FORMATS = ("markdown", "csv", "json")
 FAMILIES = ("two_stage", "retinanet", "fcos", "reppoints")
 # The two tables of the paper (AvatarKD README), and the section of the tiny presets.
 PAPER_TABLES = ("baseline", "stronger")
+# What `akd study --grid KEY=...` and `--variant NAME:KEY=...` may vary: the training options that
+# define a configuration (each a TrainOptions field of that name); seeds are the study's own axis.
+STUDY_KEYS = ("method", "num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation", "epochs",
+              "batch_size")
+# Metrics a study summarises over seeds (metrics.json names).
+STUDY_METRICS = ("AP", "AP50", "AP75")
+# Training loggers besides the text and JSON logs every run writes (mmcv logger hooks).
+LOGGERS = ("tensorboard", "wandb")

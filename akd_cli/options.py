@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from akd_cli import names
 from akd_cli.errors import UserError
@@ -85,9 +85,13 @@ class TrainOptions:
     validate: bool = True
     verbose: bool = False
     trust_checkpoint: bool = False
+    loggers: Tuple[str, ...] = ()        # names.LOGGERS, beside the text and JSON logs
     launch: LaunchPlan = field(default_factory=LaunchPlan)
 
     def __post_init__(self):
+        object.__setattr__(self, "loggers", tuple(self.loggers))  # JSON gives a list
+        for logger in self.loggers:
+            _one_of(logger, names.LOGGERS, "--logger")
         if (self.preset is None) == (self.config is None):
             raise UserError("give exactly one of --preset or --config")
         _one_of(self.method, names.METHODS, "--method")

@@ -333,6 +333,7 @@ def _with_akd_runtime(cfg: Dict[str, Any], options: TrainOptions):
     hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") != "RichProgressHook"]
     cfg["custom_hooks"] = hooks + [dict(type="RichProgressHook", priority="VERY_LOW")]
     cfg["custom_imports"] = dict(imports=list(REGISTERING_MODULES), allow_failed_imports=False)
+    add_loggers(cfg, options.loggers)
     config = Config(cfg)
     merge_cfg_options(config, options.cfg_options)
     return config
@@ -465,6 +466,26 @@ def set_epochs(cfg: Dict[str, Any], epochs: int, *, keep_steps: bool = False) ->
     return f"{epochs} epoch{'s' if epochs != 1 else ''}{steps}"
 
 
+LOGGER_HOOKS = {"tensorboard": ("tensorboard", dict(type="TensorboardLoggerHook")),
+                "wandb": ("wandb", dict(type="WandbLoggerHook", init_kwargs=dict(project="akd")))}
+
+
+def add_loggers(cfg: Dict[str, Any], loggers) -> None:
+    """mmcv's logger hooks for ``--logger`` (every logged scalar: losses, each AKD term per level,
+    the paper's running sigma, the learning rate, validation AP); refused when the package is missing."""
+    import importlib.util
+
+    hooks = list((cfg.get("log_config") or {}).get("hooks") or [])
+    for name in loggers:
+        package, hook = LOGGER_HOOKS[name]
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"--logger {name} needs the {package} package: pip install {package}")
+        if not any(h.get("type") == hook["type"] for h in hooks):
+            hooks.append(copy.deepcopy(hook))
+    if loggers:
+        cfg["log_config"] = dict(cfg.get("log_config") or {"interval": 50}, hooks=hooks)
+
+
 def apply_options(cfg: Dict[str, Any], options: TrainOptions) -> list:
     """The command line's options applied to a config file's contents (``--config``), each where
     it belongs, or refused in one line where the config has no such thing; returns notes."""
@@ -509,6 +530,7 @@ def apply_options(cfg: Dict[str, Any], options: TrainOptions) -> list:
         raise UserError("--iters sets the length of --learn-tokens, which makes its config from a preset")
     if options.batch_size:
         cfg["data"] = dict(cfg["data"], samples_per_gpu=options.batch_size)
+    add_loggers(cfg, options.loggers)
     return notes
 
 
@@ -533,4 +555,5 @@ def resume_config(cfg: Dict[str, Any], options: TrainOptions, done_epochs: Optio
             raise UserError("--iters: this run counts epochs; extend it with --epochs")
         cfg["runner"] = dict(runner, max_iters=options.iters)
         notes.append(f"resuming, extended to {options.iters} iterations")
+    add_loggers(cfg, options.loggers)
     return notes

@@ -221,7 +221,17 @@ class AKDDistiller(BaseDetector):
                                  f"{len(teacher_feats)} from teacher module {spec['teacher']!r}")
             if name in self.align:
                 student_feats = [conv(f) for conv, f in zip(self.align[name], student_feats)]
-            losses[f"loss_akd_{self.method}_{name}"] = self.akd_losses[name](student_feats, teacher_feats, **context)
+            akd = self.akd_losses[name]
+            per_level = akd.per_level(student_feats, teacher_feats, **context)
+            losses[f"loss_akd_{self.method}_{name}"] = torch.stack(per_level).sum()
+            # Logged, not optimised (mmdet sums only the keys holding "loss"): each level's term and
+            # the paper's running sigma (its mean over channels), for the logs, TensorBoard and `akd plot`.
+            for i, term in enumerate(per_level if len(per_level) > 1 else []):
+                losses[f"akd_{name}_l{i}"] = term.detach()
+            for i in range(len(per_level)):
+                sigma = akd.running_sigma(i)
+                if sigma is not None:
+                    losses[f"sigma_{name}_l{i}"] = sigma.detach().mean()
         for spec in self.heads:
             student_outs = self.student_recorder.levels(spec["student"])
             teacher_outs = self.teacher_recorder.levels(spec["teacher"])
