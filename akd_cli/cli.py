@@ -419,9 +419,13 @@ def _print_rich_tables(rows) -> None:
 def visualize_command(
     preset: str = typer.Option(..., "--preset", "-p", help="Preset name (see 'akd presets').",
                                autocompletion=_complete_preset),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="The student: exported or a full akd checkpoint."),
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint",
+                                          help="A student (exported or full akd checkpoint); several: the paper's "
+                                               "side-by-side figure (e.g. baseline, base loss, AKD)."),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="A name per --checkpoint (default: its directory)."),
     image: Path = typer.Option(..., "--image", help="The image to look at."),
     out: Path = typer.Option(Path("vis"), "--out", "-o", help="Directory for the PNGs."),
+    data_root: Optional[Path] = _DATA_ROOT,
     teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
     num_avatars: Optional[int] = typer.Option(None, "--num-avatars", "--avatars", min=0, max=16,
                                               help="Avatars to draw (default: the preset's)."),
@@ -431,7 +435,8 @@ def visualize_command(
     score_thr: float = typer.Option(0.3, "--score-thr", min=0.0, max=1.0, help="Score threshold for drawn detections."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need pickled code to load."),
 ) -> None:
-    """Teacher, Avatar, uncertainty and student feature maps for one image (PNG per level)."""
+    """Teacher, Avatar, uncertainty and student feature maps for one image (PNG per level); with several
+    students, the paper's figure: their heat maps and detections side by side."""
     from akd_cli.mm.visualize import VisualizeRequest, visualize
 
     try:
@@ -439,7 +444,8 @@ def visualize_command(
     except ValueError:
         raise UserError(f"--levels takes comma-separated integers, got {levels!r}") from None
     _trust_checkpoints(trust_checkpoint)
-    request = VisualizeRequest(preset=preset, checkpoint=str(checkpoint), image=str(image), out=str(out),
+    request = VisualizeRequest(preset=preset, checkpoints=[str(c) for c in checkpoint], labels=label,
+                               data_root=_path(data_root), image=str(image), out=str(out),
                                teacher_checkpoint=teacher_checkpoint, num_avatars=num_avatars, levels=level_list, seed=seed,
                                detections=detections, score_thr=score_thr)
     written = _call(visualize, request)

@@ -25,8 +25,9 @@ SECTIONS = (("baseline", "Baseline settings"), ("stronger", "Stronger teachers")
 @dataclass
 class Row:
     preset: Preset
-    ours: Dict[str, float] = field(default_factory=dict)   # role -> AP in percent
+    ours: Dict[str, float] = field(default_factory=dict)   # role -> AP in percent (the mean over runs)
     methods: Dict[str, str] = field(default_factory=dict)  # role -> base loss that produced it
+    spread: Dict[str, Tuple[float, int]] = field(default_factory=dict)  # role -> (sd, n) when several runs
 
     @property
     def section(self) -> str:
@@ -79,28 +80,38 @@ def collect(paths: Iterable[Path]) -> Tuple[List[dict], List[str]]:
 
 def build_rows(records: List[dict], presets: Optional[List[Preset]] = None) -> List[Row]:
     """One row per preset of the paper's tables, plus tiny presets that have measurements.
-    Several measurements of one (preset, role): the most recent wins."""
+    Several evaluations of one checkpoint: the most recent counts. Several checkpoints of one
+    (preset, role), such as a study's seeds: the cell is their mean, with sd and n beside it."""
+    import statistics
+
     presets = presets if presets is not None else list_presets()
     by_name = {p.name: Row(p) for p in presets}
-    dates: Dict[Tuple[str, str], str] = {}
+    latest: Dict[Tuple[str, str], Dict[str, dict]] = {}
     for record in records:
         row, role = by_name.get(record["preset"]), record["role"]
         if row is None or role not in ROLES:
             continue
-        key = (record["preset"], role)
-        if key in dates and dates[key] > str(record.get("date", "")):
+        runs = latest.setdefault((record["preset"], role), {})
+        checkpoint = str(record.get("checkpoint") or record.get("_file"))
+        if checkpoint in runs and str(runs[checkpoint].get("date", "")) > str(record.get("date", "")):
             continue
-        dates[key] = str(record.get("date", ""))
-        row.ours[role] = 100.0 * float(record["metrics"]["AP"])
-        if record.get("method"):
-            row.methods[role] = record["method"]
+        runs[checkpoint] = record
+    for (preset, role), runs in latest.items():
+        row = by_name[preset]
+        values = [100.0 * float(r["metrics"]["AP"]) for r in runs.values()]
+        row.ours[role] = statistics.fmean(values)
+        if len(values) > 1:
+            row.spread[role] = (statistics.stdev(values), len(values))
+        methods = {r["method"] for r in runs.values() if r.get("method")}
+        if methods:
+            row.methods[role] = sorted(methods)[0]
     rows = [row for row in by_name.values() if row.section in ("baseline", "stronger") or row.ours]
     return sorted(rows, key=lambda r: (r.preset.table_row, r.preset.name))
 
 
-def _cell(paper: Optional[float], ours: Optional[float], label: str = "") -> str:
+def _cell(paper: Optional[float], ours: Optional[float], label: str = "", spread=None) -> str:
     p = "-" if paper is None else f"{paper:.1f}{label}"
-    o = "-" if ours is None else f"{ours:.1f}"
+    o = "-" if ours is None else f"{ours:.1f}" + (f" ± {spread[0]:.1f} (n={spread[1]})" if spread else "")
     delta = f" ({ours - paper:+.1f})" if paper is not None and ours is not None else ""
     return f"{p} / {o}{delta}"
 
@@ -119,19 +130,20 @@ def row_cells(row: Row, columns: Tuple[str, ...] = HEADER) -> List[str]:
     method = row.methods.get("akd") or row.methods.get("kd") or p.method
     avatars = f", {p.num_avatars} Avatar{'s' if p.num_avatars != 1 else ''}"
     cells = [p.student.name or p.name, p.teacher.name or "-", METHOD_NAMES.get(method, method) + avatars,
-             _cell(p.student.reference_map, row.ours.get("baseline")),
-             _cell(p.teacher.reference_map, row.ours.get("teacher")),
-             _cell(row.kd_paper(method), row.ours.get("kd"), row.kd_label(method)),
-             _cell(p.reference_akd_map, row.ours.get("akd"))]
+             _cell(p.student.reference_map, row.ours.get("baseline"), spread=row.spread.get("baseline")),
+             _cell(p.teacher.reference_map, row.ours.get("teacher"), spread=row.spread.get("teacher")),
+             _cell(row.kd_paper(method), row.ours.get("kd"), row.kd_label(method), spread=row.spread.get("kd")),
+             _cell(p.reference_akd_map, row.ours.get("akd"), spread=row.spread.get("akd"))]
     if PAPER_SIGMA_COLUMN in columns:  # the paper's tables have no such column: ours alone
-        cells.append(_cell(None, row.ours.get("akd-paper")))
+        cells.append(_cell(None, row.ours.get("akd-paper"), spread=row.spread.get("akd-paper")))
     return cells
 
 
 def render_markdown(rows: List[Row]) -> str:
     lines = ["Each cell: paper / ours (ours - paper), COCO box mAP. '-': not measured. "
              "KD: the base loss without Avatars; where it is MasKD, the paper side is MasKD's own published "
-             "number, labelled (MasKD). Ours: `akd eval` of the checkpoints `akd table` was given."]
+             "number, labelled (MasKD). Ours: `akd eval` of the checkpoints `akd table` was given; several "
+             "checkpoints of one cell (a study's seeds): their mean ± sd (n=runs)."]
     for key, title in SECTIONS:
         section = [r for r in rows if r.section == key]
         if not section:
@@ -163,7 +175,9 @@ def render_json(rows: List[Row]) -> str:
     return json.dumps([{"table": r.section, "preset": r.preset.name, "student": r.preset.student.name,
                         "teacher": r.preset.teacher.name, "method": r.preset.method,
                         "paper": {role: r.paper(role) for role in ("baseline", "teacher", "kd", "akd")},
-                        "ours": {role: round(v, 2) for role, v in r.ours.items()}} for r in rows], indent=2) + "\n"
+                        "ours": {role: round(v, 2) for role, v in r.ours.items()},
+                        "ours_sd_n": {role: [round(sd, 2), n] for role, (sd, n) in r.spread.items()}}
+                       for r in rows], indent=2) + "\n"
 
 
 def splice(text: str, block: str, path: str = "README") -> str:

@@ -173,3 +173,48 @@ def test_tensorboard_holds_the_akd_scalars(synth_root, teacher_checkpoint, tmp_p
     assert {"train/loss_akd_cwd_fpn", "train/akd_fpn_l0", "train/akd_fpn_l4", "train/sigma_fpn_l0"} <= tags, tags
     sigma = accumulator.Scalars("train/sigma_fpn_l0")
     assert sigma and all(math.isfinite(e.value) and e.value > 0 for e in sigma)
+
+
+# --- the paper's figure ----------------------------------------------------------------------------------
+
+def test_visualize_several_students_side_by_side_with_legible_detections(akd_run, teacher_checkpoint, synth_root,
+                                                                          tmp_path):
+    from PIL import Image
+
+    work, _ = akd_run
+    result = run_akd("visualize", "--preset", TINY, "--teacher-checkpoint", teacher_checkpoint,
+                     "--checkpoint", work / "latest.pth", "--checkpoint", work / "student.pth",
+                     "--label", "other", "--label", "akd", "--data-root", synth_root, "--levels", "0,1",
+                     "--image", synth_root / "val" / "000001.png", "--out", tmp_path / "vis", cwd=tmp_path)
+    assert "wrote 5 image(s)" in result.stdout
+    names = sorted(p.name for p in (tmp_path / "vis").iterdir())
+    assert names == ["compare_fpn_level0.png", "compare_fpn_level1.png", "detections_akd.png", "detections_other.png",
+                     "detections_teacher.png"]
+    with Image.open(tmp_path / "vis" / "detections_akd.png") as drawn:
+        assert min(drawn.size) >= 512  # a 128 px image, drawn four times larger
+    with Image.open(tmp_path / "vis" / "compare_fpn_level0.png") as figure:
+        assert figure.size[0] > figure.size[1]  # image, teacher and two students side by side, over two rows
+    assert "2 label(s) for 1 checkpoint(s)" in refused(
+        "visualize", "--preset", TINY, "--teacher-checkpoint", teacher_checkpoint, "--checkpoint", work / "student.pth",
+        "--label", "a", "--label", "b", "--image", synth_root / "val" / "000001.png", "--out", tmp_path / "v2")
+
+
+def test_table_cells_of_several_seeds_show_mean_sd_and_n(tmp_path):
+    from akd_cli import results
+
+    for seed, ap in enumerate((0.30, 0.32, 0.34)):
+        work = tmp_path / "runs" / "akd" / f"seed{seed}"
+        work.mkdir(parents=True)
+        record = {"preset": TINY, "role": "akd", "method": "cwd", "checkpoint": str(work / "student.pth"),
+                  "metrics": {"AP": ap}, "date": f"2026-11-26T00:00:0{seed}+00:00"}
+        (work / "metrics.json").write_text(json.dumps(record))
+    # the same checkpoint evaluated twice: its latest evaluation counts, once
+    again = dict(record, metrics={"AP": 0.36}, date="2026-11-27T00:00:00+00:00")
+    (tmp_path / "again.json").write_text(json.dumps(again))
+    records, problems = results.collect([tmp_path / "runs", tmp_path / "again.json"])
+    assert not problems and len(records) == 4
+    row = [r for r in results.build_rows(records) if r.preset.name == TINY][0]
+    assert row.ours["akd"] == pytest.approx(100 * (0.30 + 0.32 + 0.36) / 3)
+    sd, n = row.spread["akd"]
+    assert n == 3 and sd == pytest.approx(100 * 0.030550504633, rel=1e-6)  # sd of 30, 32, 36
+    assert "32.7 ± 3.1 (n=3)" in results.render_markdown([row])

@@ -29,7 +29,7 @@ from akd_cli.mm.recorder import FeatureRecorder, InputRecorder, find_module  # n
 BACKBONE_ONLY_PREFIXES = ("backbone", "neck")
 
 
-def _modules(names) -> List[str]:
+def modules_of(names) -> List[str]:
     """A feature is one module's outputs or the outputs of a list of modules (one per level)."""
     return [names] if isinstance(names, str) else list(names)
 
@@ -115,15 +115,15 @@ class AKDDistiller(BaseDetector):
             for param in self.teacher.parameters():
                 param.requires_grad_(False)
         where_s = {m: self._where(f"distill.features[{i}].student") for i, d in enumerate(self.distill)
-                   for m in _modules(d["student"])}
+                   for m in modules_of(d["student"])}
         where_t = {m: self._where(f"distill.features[{i}].teacher") for i, d in enumerate(self.distill)
-                   for m in _modules(d["teacher"])}
+                   for m in modules_of(d["teacher"])}
         where_s.update({h["student"]: self._where(f"distill.heads[{i}].student") for i, h in enumerate(self.heads)})
         where_t.update({h["teacher"]: self._where(f"distill.heads[{i}].teacher") for i, h in enumerate(self.heads)})
         recorded = self.distill + self.heads
-        self.student_recorder = FeatureRecorder(self.student, [m for d in recorded for m in _modules(d["student"])],
+        self.student_recorder = FeatureRecorder(self.student, [m for d in recorded for m in modules_of(d["student"])],
                                                 "student", where_s)
-        self.teacher_recorder = (FeatureRecorder(self.teacher, [m for d in recorded for m in _modules(d["teacher"])],
+        self.teacher_recorder = (FeatureRecorder(self.teacher, [m for d in recorded for m in modules_of(d["teacher"])],
                                                  "teacher", where_t) if recorded else None)
         # Teacher RoI heads run on the student's RoIs: teacher RoI extractor -> (student module, argument indices)
         self._fed = {h["student_inputs"]["teacher"]: (h["student_inputs"]["student"], h["student_inputs"]["indices"])
@@ -138,7 +138,7 @@ class AKDDistiller(BaseDetector):
         for extractor in self._fed:
             find_module(self.teacher, extractor, "teacher", where_in[self._fed[extractor][0]])
             find_module(self.teacher, _roi_head_of(extractor), "teacher", where_in[self._fed[extractor][0]])
-        self._teacher_parts = {m.split(".")[0] for d in recorded for m in _modules(d["teacher"])}
+        self._teacher_parts = {m.split(".")[0] for d in recorded for m in modules_of(d["teacher"])}
         for i, prefix in enumerate(self.init_from_teacher):
             for role, model in (("student", self.student), ("teacher", self.teacher)):
                 find_module(model, prefix, role, self._where(f"distill.init_from_teacher[{i}]"))
@@ -213,8 +213,8 @@ class AKDDistiller(BaseDetector):
                    if self.method == "fgd" else {})
         for spec in self.distill:
             name = spec["name"]
-            student_feats = self._recorded(self.student_recorder, spec, "student")
-            teacher_feats = self._recorded(self.teacher_recorder, spec, "teacher")
+            student_feats = self.recorded(self.student_recorder, spec, "student")
+            teacher_feats = self.recorded(self.teacher_recorder, spec, "teacher")
             if len(student_feats) != len(spec["channels"]) or len(teacher_feats) != len(spec["channels"]):
                 raise ValueError(f"feature {name!r}: the config declares {len(spec['channels'])} level(s), "
                                  f"recorded {len(student_feats)} from student module {spec['student']!r} and "
@@ -244,9 +244,9 @@ class AKDDistiller(BaseDetector):
         return losses
 
     @staticmethod
-    def _recorded(recorder, spec: dict, role: str) -> list:
+    def recorded(recorder, spec: dict, role: str) -> list:
         """A feature's levels: the outputs of its module(s), in order, as ``levels`` selects them."""
-        feats = [f for module in _modules(spec[role]) for f in recorder.levels(module)]
+        feats = [f for module in modules_of(spec[role]) for f in recorder.levels(module)]
         levels = spec.get("levels")
         return feats if levels is None else [feats[i] for i in levels if i < len(feats)]
 

@@ -1,10 +1,16 @@
 """Feature maps of teacher, Avatars and student for one image, as in the paper's visualisation.
 
-For each distilled level, one PNG: the teacher's feature, each Avatar (titled with its uncertainty
-factor gamma), the Avatars' spread (per-position standard deviation across the Avatars: where they
-disagree) and the student's feature (after its align conv, i.e. in the teacher's space). Each panel
-is the channel-mean of |feature| over the image, with a colour bar; teacher and Avatars share one
-scale so they compare directly.
+One student: for each distilled level, one PNG: the teacher's feature, each Avatar (titled with
+its uncertainty factor gamma), the Avatars' spread (per-position standard deviation across the
+Avatars: where they disagree) and the student's feature (after its align conv, i.e. in the
+teacher's space). Each panel is the channel-mean of |feature| over the image, with a colour bar;
+teacher and Avatars share one scale so they compare directly.
+
+Several students (baseline, base loss, AKD: the paper's figure): for each level one PNG with the
+image, the teacher's and each student's heat map side by side (each student's own feature, so a
+baseline without align convs compares too; each panel normalised to its own maximum), and under
+them every model's detections. Detections are drawn on the image scaled up to at least
+``LEGIBLE`` pixels, so boxes and labels stay readable on small images.
 """
 from __future__ import annotations
 
@@ -15,12 +21,17 @@ from typing import List, Optional
 from akd_cli.errors import UserError
 
 
+LEGIBLE = 512
+
+
 @dataclass
 class VisualizeRequest:
     preset: str
-    checkpoint: str
+    checkpoints: List[str]
     image: str
     out: str
+    labels: Optional[List[str]] = None
+    data_root: Optional[str] = None
     teacher_checkpoint: Optional[str] = None
     num_avatars: Optional[int] = None
     levels: Optional[List[int]] = None
@@ -79,10 +90,19 @@ def visualize(request: VisualizeRequest) -> List[str]:
     teacher_ckpt = request.teacher_checkpoint or preset.teacher.checkpoint
     if not teacher_ckpt:
         raise UserError(f"preset {preset.name} has no teacher checkpoint: pass --teacher-checkpoint")
-    cfg = build_config(preset, TrainOptions(preset=request.preset, teacher_checkpoint=teacher_ckpt))
+    if request.labels and len(request.labels) != len(request.checkpoints):
+        raise UserError(f"--label: {len(request.labels)} label(s) for {len(request.checkpoints)} checkpoint(s)")
+    cfg = build_config(preset, TrainOptions(preset=request.preset, teacher_checkpoint=teacher_ckpt,
+                                            data_root=request.data_root))
     model = build_detector(cfg.model)
-    weights = student_state_dict(load_state_dict(request.checkpoint))
-    load_checked(model.student, weights, request.checkpoint, "student")
+    if len(request.checkpoints) > 1:
+        return _compare(request, cfg, model, teacher_ckpt, original)
+    checkpoint = request.checkpoints[0]
+    weights = load_state_dict(checkpoint)
+    load_checked(model.student, student_state_dict(weights), checkpoint, "student")
+    align = {k[len("align."):]: v for k, v in weights.items() if k.startswith("align.")}
+    if align:  # a full akd checkpoint holds the trained align convs: the student in the teacher's space
+        model.align.load_state_dict(align, strict=False)
     load_weights(model.teacher, teacher_ckpt, "teacher")
     model.eval()
     classes = cfg.data.test.get("classes") or getattr(model.student, "CLASSES", None)
@@ -103,7 +123,8 @@ def visualize(request: VisualizeRequest) -> List[str]:
         for spec in model.distill:
             students = model.student_recorder.levels(spec["student"])
             teachers = model.teacher_recorder.levels(spec["teacher"])
-            if spec["name"] in model.align:
+            aligned = bool(align) and spec["name"] in model.align
+            if aligned:  # only trained align convs: an exported student has none, its own feature is shown
                 students = [conv(s) for conv, s in zip(model.align[spec["name"]], students)]
             levels = request.levels if request.levels is not None else list(range(len(teachers)))
             bad = [level for level in levels if not 0 <= level < len(teachers)]
@@ -122,7 +143,7 @@ def visualize(request: VisualizeRequest) -> List[str]:
                 if len(avatars) > 1:
                     spread = torch.stack([a.abs().mean(dim=1, keepdim=True) for a in avatars]).std(dim=0)
                     panels.append(("Avatar spread", _heat(spread, metas[0], size)))
-                panels.append(("student", _heat(student, metas[0], size)))
+                panels.append(("student (aligned)" if aligned else "student", _heat(student, metas[0], size)))
                 vmax = max(float(p[1].max()) for p in shared) or 1.0
                 fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
                 for ax, (title, heat) in zip(axes[0], panels):
@@ -142,10 +163,114 @@ def visualize(request: VisualizeRequest) -> List[str]:
                 written.append(str(path))
     if request.detections:
         for role, detector in (("teacher", model.teacher), ("student", model.student)):
-            detector.CLASSES = classes
-            with torch.no_grad():
-                result = detector.simple_test(img, metas, rescale=True)[0]
             path = out / f"detections_{role}.png"
-            detector.show_result(request.image, result, score_thr=request.score_thr, show=False, out_file=str(path))
+            _draw_detections(detector, classes, img, metas, original, request.score_thr, path)
             written.append(str(path))
+    return written
+
+
+def _draw_detections(detector, classes, img, metas, original, score_thr: float, path=None):
+    """The detector's detections on the image scaled up to at least LEGIBLE pixels (boxes scaled
+    with it), so labels are readable; written to ``path`` when given; returns the RGB array."""
+    import math
+
+    import mmcv
+    import torch
+
+    detector.CLASSES = classes
+    with torch.no_grad():
+        result = detector.simple_test(img, metas, rescale=True)[0]
+    scale = max(1, math.ceil(LEGIBLE / max(original.shape[:2])))
+    big = mmcv.imrescale(original, scale, interpolation="nearest") if scale > 1 else original.copy()
+    boxes = result[0] if isinstance(result, tuple) else result
+    boxes = [b.copy() for b in boxes]
+    for b in boxes:
+        b[:, :4] *= scale
+    drawn = detector.show_result(big, boxes, score_thr=score_thr, show=False, thickness=2, font_size=12,
+                                 out_file=str(path) if path else None)
+    return mmcv.bgr2rgb(drawn if drawn is not None else mmcv.imread(str(path)))
+
+
+def _compare(request: VisualizeRequest, cfg, model, teacher_ckpt: str, original) -> List[str]:
+    """The paper's figure: teacher and several students, heat maps and detections side by side."""
+    import copy
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mmcv
+    import torch
+
+    from akd_cli.mm.checkpoints import load_checked, load_state_dict, load_weights, student_state_dict
+    from mmdet.models import build_detector
+
+    load_weights(model.teacher, teacher_ckpt, "teacher")
+    labels = request.labels or [Path(c).parent.name or Path(c).stem for c in request.checkpoints]
+    students = []
+    for checkpoint in request.checkpoints:
+        student = build_detector(copy.deepcopy(cfg.model.student))
+        load_checked(student, student_state_dict(load_state_dict(checkpoint)), checkpoint, "student")
+        student.eval()
+        students.append(student)
+    model.eval()
+    classes = cfg.data.test.get("classes") or getattr(model.student, "CLASSES", None)
+    img, metas = _prepare_image(cfg, request.image)
+    from akd_cli.mm.distiller import AKDDistiller, modules_of
+    from akd_cli.mm.recorder import FeatureRecorder
+
+    out = Path(request.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = original.shape[:2]
+    rgb = mmcv.bgr2rgb(original)
+    written: List[str] = []
+    detections = []
+    if request.detections:
+        for name, detector in [("teacher", model.teacher)] + list(zip(labels, students)):
+            path = out / f"detections_{name}.png"
+            detections.append((name, _draw_detections(detector, classes, img, metas, original, request.score_thr, path)))
+            written.append(str(path))
+    with torch.no_grad():
+        with model.teacher_recorder:
+            model.teacher.forward_dummy(img)
+        for spec in model.distill:
+            teachers = AKDDistiller.recorded(model.teacher_recorder, spec, "teacher")
+            per_student = []
+            for student in students:
+                recorder = FeatureRecorder(student, modules_of(spec["student"]), "student")
+                with recorder:
+                    student.forward_dummy(img)
+                per_student.append(AKDDistiller.recorded(recorder, spec, "student"))
+            levels = request.levels if request.levels is not None else list(range(len(teachers)))
+            bad = [level for level in levels if not 0 <= level < len(teachers)]
+            if bad:
+                raise UserError(f"--levels: {spec['name']} has levels 0..{len(teachers) - 1}, got {bad}")
+            for level in levels:
+                heats = [("teacher", _heat(teachers[level], metas[0], size))]
+                heats += [(label, _heat(feats[level], metas[0], size)) for label, feats in zip(labels, per_student)]
+                columns = 1 + len(heats)
+                rows = 2 if detections else 1
+                fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.5 * rows), squeeze=False)
+                axes[0][0].imshow(rgb)
+                axes[0][0].set_title("image", fontsize=10)
+                for ax, (title, heat) in zip(axes[0][1:], heats):
+                    ax.imshow(rgb)
+                    ax.imshow(heat / (heat.max() or 1.0), cmap="jet", alpha=0.55, vmin=0.0, vmax=1.0)
+                    ax.set_title(title, fontsize=10)
+                if detections:
+                    axes[1][0].axis("off")
+                    for ax, (title, drawn) in zip(axes[1][1:], detections):
+                        ax.imshow(drawn)
+                        ax.set_title(f"{title}: detections", fontsize=10)
+                for ax in axes.flat:
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                fig.suptitle(f"{cfg.akd.get('preset', '')}: {spec['name']} level {level} "
+                             f"({teachers[level].shape[-2]}x{teachers[level].shape[-1]}); heat: channel-mean |feature|, "
+                             "each panel to its own maximum", fontsize=10)
+                fig.tight_layout()
+                path = out / f"compare_{spec['name']}_level{level}.png"
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+                written.append(str(path))
     return written
