@@ -94,7 +94,9 @@ def test_resume_with_epochs_extends_the_run(synth_root, tmp_path):
     assert (work / "epoch_2.pth").is_file()
     text = (work / "config.py").read_text()
     assert "max_epochs=2" in text and "interval=1" in text
-    assert "already trained 2 epochs" in refused(*base, "--resume", "--epochs", 2, cwd=tmp_path)
+    assert "already trained 2 epochs" in refused(*base, "--resume", "--epochs", 1, cwd=tmp_path)
+    # options equal to what the run has change nothing, so they are not refused (a study resumes so)
+    run_akd(*base, "--resume", "--epochs", 2, "--batch-size", 8, "--data-root", synth_root, cwd=tmp_path)
     message = refused(*base, "--resume", "--drop-rate", 0.3, "--batch-size", 4, cwd=tmp_path)
     assert "--drop-rate, --batch-size would make it another run" in message
 
@@ -204,8 +206,10 @@ def test_piped_help_keeps_whole_option_names():
 
 
 def test_shell_completion():
-    script = run_akd("--show-completion", "bash").stdout
-    assert "_AKD_COMPLETE" in script
+    # what `akd --install-completion` writes into the shell's start-up (shell detection aside)
+    script = subprocess.run([sys.executable, "-c", "from akd_cli.cli import main; main()"], capture_output=True,
+                            text=True, env=dict(os.environ, _AKD_COMPLETE="source_bash")).stdout
+    assert "_AKD_COMPLETE=complete_bash" in script
     env = {"_AKD_COMPLETE": "complete_bash", "COMP_WORDS": "akd train --preset tiny-f", "COMP_CWORD": "3"}
     result = subprocess.run([sys.executable, "-c", "from akd_cli.cli import main; main()"], capture_output=True,
                             text=True, env=dict(os.environ, **env))

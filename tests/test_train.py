@@ -215,7 +215,7 @@ def test_more_gpus_than_present_is_refused_before_anything_starts(synth_root, tm
 
 def test_missing_data_names_the_file_and_the_fix(tmp_path):
     message = refused(*train_args(tmp_path / "nowhere", tmp_path / "w", "--method", "none"), cwd=tmp_path)
-    assert "annotations not found" in message and "akd data synth" in message
+    assert "data root not found" in message and "akd data synth --out" in message
 
 
 def test_corrupt_annotations_are_reported_in_one_line(synth_root, tmp_path):

@@ -135,7 +135,8 @@ def resolve_dataset(preset: Preset, options: TrainOptions):
     one (None when it does not yet: the data check says how to get it)."""
     from akd_cli.mm.data import open_dataset
 
-    return open_dataset(options.data_root or default_data_root(preset), required=bool(options.data_root))
+    return open_dataset(options.data_root or default_data_root(preset), required=bool(options.data_root),
+                        synthetic=preset.tiny)
 
 
 def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any], dataset=None) -> Dict[str, Any]:
@@ -534,20 +535,40 @@ def apply_options(cfg: Dict[str, Any], options: TrainOptions) -> list:
     return notes
 
 
+def _saved(cfg: Dict[str, Any], name: str):
+    """What a saved run config holds for a shaping option (None where it has no such thing)."""
+    model = cfg.get("model") or {}
+    if name in AVATAR_OPTIONS:
+        return (model.get("avatars") or {}).get(name)
+    return {"method": (cfg.get("akd") or {}).get("method"), "teacher_checkpoint": model.get("teacher_checkpoint"),
+            "token_file": (model.get("options") or {}).get("token_file"), "data_root": cfg.get("data_root"),
+            "batch_size": (cfg.get("data") or {}).get("samples_per_gpu")}.get(name)
+
+
+def _same(given, saved) -> bool:
+    """An option equal to what the run already has (paths compared as files) changes nothing."""
+    import os
+
+    if isinstance(given, str) and isinstance(saved, str) and ("/" in given or "/" in saved):
+        return os.path.realpath(given.rstrip("/")) == os.path.realpath(saved.rstrip("/"))
+    return given == saved
+
+
 def resume_config(cfg: Dict[str, Any], options: TrainOptions, done_epochs: Optional[int]) -> list:
     """A resumed run's saved config with what a resume may change: ``--epochs`` extends the run
     (its learning-rate steps stay), ``--cfg-options`` apply; options that would make it another
     run are refused. Returns notes."""
-    given = [flag for name, flag in SHAPING_OPTIONS.items() if getattr(options, name) is not None]
-    if given:
-        raise UserError(f"--resume continues the run as its config.py has it; {', '.join(given)} would make it "
+    changed = [flag for name, flag in SHAPING_OPTIONS.items()
+               if getattr(options, name) is not None and not _same(getattr(options, name), _saved(cfg, name))]
+    if changed:
+        raise UserError(f"--resume continues the run as its config.py has it; {', '.join(changed)} would make it "
                         "another run: start one in a new --work-dir (or change the saved config with --cfg-options)")
     notes = []
-    if options.epochs:
-        if done_epochs is not None and options.epochs <= done_epochs:
+    before = (cfg.get("runner") or {}).get("max_epochs")
+    if options.epochs and options.epochs != before:
+        if done_epochs is not None and options.epochs < done_epochs:
             raise UserError(f"--epochs {options.epochs}: the run has already trained {done_epochs} epochs; "
                             "--resume --epochs N extends it beyond that")
-        before = (cfg.get("runner") or {}).get("max_epochs")
         notes.append(f"resuming, extended from {before} to {set_epochs(cfg, options.epochs, keep_steps=True)}")
     if options.iters:
         runner = cfg.get("runner") or {}

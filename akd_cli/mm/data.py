@@ -60,15 +60,17 @@ def find_layout(root: str) -> Optional[str]:
     return None
 
 
-def open_dataset(root: str, *, required: bool) -> Optional[Dataset]:
+def open_dataset(root: str, *, required: bool, synthetic: bool = False) -> Optional[Dataset]:
     """The dataset at ``root``; when it holds neither layout: a UserError if ``required`` (the user
-    named it), else None (a preset's default root not made yet: the data check says how to make it)."""
+    named it), else None (a preset's default root not made yet: the data check says how to make it).
+    ``synthetic``: a tiny preset's data, which `akd data synth` can make (said so)."""
     layout = find_layout(root)
     if layout is None:
         if not required:
             return None
         if not os.path.isdir(root):
-            raise UserError(f"data root not found: {root}")
+            hint = f"; generate synthetic data there with 'akd data synth --out {root}'" if synthetic else ""
+            raise UserError(f"data root not found: {root}{hint}")
         raise UserError(f"{root} is not a COCO-format dataset: expected annotations/instances_train2017.json with "
                         "train2017/ (COCO's layout) or annotations/instances_train.json with train/ (akd data synth's)")
     ann, images = LAYOUTS[layout]

@@ -115,11 +115,11 @@ def check(options: TrainOptions, cfg, warn=None) -> str:
             raise UserError(f"MasKD token file not found: {token_file}")
     if model.get("type") == "ReceptiveTokenLearner":
         teacher = (model.detector, model.get("checkpoint"))
+    if model.get("type") == "AKDDistiller":
+        check_modules(model)  # the preset's module names first: a teacher cannot fit a wrong one
     if teacher is not None:
         check_checkpoint_path(teacher[1], "teacher")
         check_teacher_fits(options, cfg, *teacher)
-    if model.get("type") == "AKDDistiller":
-        check_modules(model)
     return device
 
 
@@ -207,8 +207,8 @@ def launch_training(options: TrainOptions, *, on_config=None, say=None) -> Optio
         for note in run.notes:
             say(note)
         cfg = run.config
-    fileio.ensure_dir(work, "work dir")
     device = check(options, cfg, warn=say)
+    fileio.ensure_dir(work, "work dir")  # after the checks: a refused run writes nothing
     if not options.resume and (any(work.glob("epoch_*.pth")) or any(work.glob("iter_*.pth"))):
         raise UserError(f"{work} already holds checkpoints of a run: pass --resume to continue it, "
                         "or choose another --work-dir")
