@@ -40,6 +40,7 @@ class Dataset:
     layout: str                                 # a key of LAYOUTS
     splits: Dict[str, Split]
     categories: Tuple[Tuple[int, str], ...]     # (id, name), in id order
+    source: str = ""                            # the annotation file they come from
 
     @property
     def classes(self) -> Tuple[str, ...]:
@@ -49,7 +50,7 @@ class Dataset:
         shown = self.categories[:8]
         listing = ", ".join(f"{i} {name}" for i, name in shown) + (", ..." if len(self.categories) > len(shown) else "")
         return (f"data: {self.root} ({self.layout} layout), {len(self.categories)} categories from "
-                f"{os.path.basename(self.splits['train'].ann_file)} ({listing}); heads sized to {len(self.categories)}")
+                f"{os.path.basename(self.source)} ({listing}); heads sized to {len(self.categories)}")
 
 
 def find_layout(root: str) -> Optional[str]:
@@ -60,10 +61,12 @@ def find_layout(root: str) -> Optional[str]:
     return None
 
 
-def open_dataset(root: str, *, required: bool, synthetic: bool = False) -> Optional[Dataset]:
+def open_dataset(root: str, *, required: bool, synthetic: bool = False, categories_from: str = "train") -> Optional[Dataset]:
     """The dataset at ``root``; when it holds neither layout: a UserError if ``required`` (the user
     named it), else None (a preset's default root not made yet: the data check says how to make it).
-    ``synthetic``: a tiny preset's data, which `akd data synth` can make (said so)."""
+    ``synthetic``: a tiny preset's data, which `akd data synth` can make (said so).
+    ``categories_from``: the split whose file names the categories (evaluation reads val's: COCO's
+    train file is 450 MB; training reads train's, and the data check holds val's to the same)."""
     layout = find_layout(root)
     if layout is None:
         if not required:
@@ -76,8 +79,11 @@ def open_dataset(root: str, *, required: bool, synthetic: bool = False) -> Optio
     ann, images = LAYOUTS[layout]
     base = root.rstrip("/") + "/"
     splits = {s: Split(base + ann.format(split=s), base + images.format(split=s)) for s in SPLITS}
-    summary = summarise(splits["train"].ann_file)
-    return Dataset(root=root, layout=layout, splits=splits, categories=summary.categories)
+    source = splits[categories_from].ann_file
+    if not os.path.isfile(source):
+        raise UserError(f"{categories_from} annotations not found: {source}")
+    summary = summarise(source)
+    return Dataset(root=root, layout=layout, splits=splits, categories=summary.categories, source=source)
 
 
 @dataclass(frozen=True)

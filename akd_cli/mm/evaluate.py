@@ -63,7 +63,7 @@ def on_dataset(cfg: Dict[str, Any], root: str) -> Dict[str, Any]:
     them (a checkpoint trained on other categories is then refused as not fitting)."""
     from akd_cli.mm.data import open_dataset, size_heads, use_dataset
 
-    dataset = open_dataset(root, required=True)
+    dataset = open_dataset(root, required=True, categories_from="val")
     use_dataset(cfg, dataset)
     size_heads(cfg["model"], len(dataset.categories))
     return cfg
