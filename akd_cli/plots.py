@@ -11,7 +11,8 @@ from akd_cli import fileio
 from akd_cli.errors import UserError
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display wanted or needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +37,7 @@ def study_plots(result: Dict[str, Any], out: Path, metric: str = "AP") -> List[P
     """AP (mean, 95% interval of the mean; a lone seed: its point) against each numeric setting the
     configurations vary, one line per combination of the others; without such an axis, one point
     per configuration."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in result["rows"] if r.get(metric)]
     if not rows:
         return []
@@ -121,7 +122,7 @@ def read_log(work_dir: Path) -> Dict[str, Any]:
 def curves(work_dirs: Sequence[Path], out: Path, keys: Sequence[str] = ()) -> Path:
     """One figure: a panel per scalar (task losses, each AKD term and level, the running sigma,
     validation AP per epoch), one line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     logs = {str(w): read_log(Path(w)) for w in work_dirs}
     found = sorted({k for log in logs.values() for k in log["train"]})
     wanted = [k for k in found if not keys or k in keys or any(k.startswith(p) for p in keys)]

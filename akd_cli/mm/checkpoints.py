@@ -7,7 +7,7 @@ Loading goes through ``torch.load(weights_only=True)`` unless the user chose oth
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 STUDENT_PREFIX = "student."
 TRUST_ENV = "AKD_TRUST_CHECKPOINTS"
@@ -76,8 +76,9 @@ def without_ddp_prefix(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-def load_state_dict(checkpoint: str) -> Dict[str, Any]:
-    """The weights of a local checkpoint file (``module.`` prefixes of DDP dropped)."""
+def read_checkpoint(checkpoint: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(weights, meta) of a local checkpoint file (``module.`` prefixes of DDP dropped; meta empty
+    when it has none); one line when it cannot be read or holds no weights."""
     from akd_cli.errors import UserError
 
     if not os.path.isfile(checkpoint):
@@ -89,7 +90,13 @@ def load_state_dict(checkpoint: str) -> Dict[str, Any]:
     state_dict = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserError(f"{checkpoint} holds no state dict")
-    return without_ddp_prefix(state_dict)
+    meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
+    return without_ddp_prefix(state_dict), meta
+
+
+def load_state_dict(checkpoint: str) -> Dict[str, Any]:
+    """The weights of a local checkpoint file (``module.`` prefixes of DDP dropped)."""
+    return read_checkpoint(checkpoint)[0]
 
 
 def load_weights(model, checkpoint: str, role: str) -> None:

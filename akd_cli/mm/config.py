@@ -150,10 +150,6 @@ def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any], d
         from mmcv import Config
 
         cfg = Config.fromfile(str(resolve_config_path(preset.student.config)))._cfg_dict.to_dict()
-        cfg["lr_config"] = dict(cfg.get("lr_config", {}))
-        if cfg["lr_config"].get("policy") == "step":
-            cfg["lr_config"]["step"] = lr_steps(epochs)
-        cfg["evaluation"] = dict(cfg.get("evaluation", {}), interval=epochs)
         cfg["checkpoint_config"] = dict(cfg.get("checkpoint_config", {}), interval=1, max_keep_ckpts=3)
     _apply_schedule(cfg, preset.schedule)
     if dataset is not None:
@@ -164,6 +160,7 @@ def plain_config(preset: Preset, options: TrainOptions, model: Dict[str, Any], d
     cfg.pop("total_epochs", None)
     cfg["model"] = model
     cfg["runner"] = dict(type="EpochBasedRunner", max_epochs=epochs)
+    set_epochs(cfg, epochs)  # the step schedule and the evaluation at the end, as --config and --resume do
     return cfg
 
 
@@ -383,6 +380,17 @@ def _token_learning_config(preset: Preset, plain: Dict[str, Any], options: Train
     return _with_akd_runtime(cfg, options)
 
 
+def read_config(path) -> Any:
+    """An mmcv Config from a file the user gave or edited: its syntax errors and missing bases are
+    input errors, said in one line."""
+    from mmcv import Config
+
+    try:
+        return Config.fromfile(str(path))
+    except Exception as exc:  # noqa: BLE001 (mmcv raises whatever the file's Python raises)
+        raise UserError(f"cannot read config {path}: {' '.join(str(exc).split())[:200]}") from None
+
+
 def dump_config(config, path: Path) -> Path:
     """Write a config file atomically."""
     from akd_cli import fileio
@@ -500,12 +508,9 @@ def apply_options(cfg: Dict[str, Any], options: TrainOptions) -> list:
         raise UserError("--method picks a preset's base loss with its settings; a config file fixes its own "
                         "(model.method and model.options): edit it, or use --preset")
     if options.data_root:
-        from akd_cli.mm.data import open_dataset
+        from akd_cli.mm.data import move_onto
 
-        dataset = open_dataset(options.data_root, required=True)
-        use_dataset(cfg, dataset)
-        size_heads(model, len(dataset.categories))
-        notes.append(dataset.describe())
+        notes.append(move_onto(cfg, options.data_root).describe())
     if options.teacher_checkpoint:
         if distils:
             model["teacher_checkpoint"] = options.teacher_checkpoint

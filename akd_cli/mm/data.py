@@ -230,3 +230,12 @@ def size_heads(model: Dict[str, Any], num_classes: int) -> None:
     elif isinstance(model, list):
         for item in model:
             size_heads(item, num_classes)
+
+
+def move_onto(cfg: Dict[str, Any], root: str, categories_from: str = "train") -> Dataset:
+    """A config moved onto the dataset at ``root``: its splits, its categories, every head of its
+    model sized to them (a checkpoint trained on other categories then no longer fits)."""
+    dataset = open_dataset(root, required=True, categories_from=categories_from)
+    use_dataset(cfg, dataset)
+    size_heads(cfg["model"], len(dataset.categories))
+    return dataset

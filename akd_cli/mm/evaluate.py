@@ -37,7 +37,8 @@ def resolve_config(options: EvalOptions):
     """The config to evaluate with: --config, --preset, or the config.py of the checkpoint's work dir."""
     from mmcv import Config
 
-    from akd_cli.mm.config import build_config
+    from akd_cli.mm.config import build_config, merge_cfg_options, read_config
+    from akd_cli.mm.data import move_onto
     from akd_cli.presets import load_preset
 
     if options.preset:
@@ -47,25 +48,12 @@ def resolve_config(options: EvalOptions):
         if not path.is_file():
             raise UserError(f"config not found: {path}" if options.config else
                             f"no config.py beside {options.checkpoint}: pass --preset or --config")
-        try:
-            cfg = Config.fromfile(str(path))
-        except Exception as exc:
-            raise UserError(f"cannot read config {path}: {' '.join(str(exc).split())[:200]}") from None
+        cfg = read_config(path)
         if options.data_root:
-            cfg = Config(on_dataset(cfg._cfg_dict.to_dict(), options.data_root))
-    if options.cfg_options:
-        cfg.merge_from_dict(options.cfg_options)
-    return cfg
-
-
-def on_dataset(cfg: Dict[str, Any], root: str) -> Dict[str, Any]:
-    """A run's config moved onto the dataset at ``root``: its splits, its categories, heads sized to
-    them (a checkpoint trained on other categories is then refused as not fitting)."""
-    from akd_cli.mm.data import open_dataset, size_heads, use_dataset
-
-    dataset = open_dataset(root, required=True, categories_from="val")
-    use_dataset(cfg, dataset)
-    size_heads(cfg["model"], len(dataset.categories))
+            tree = cfg._cfg_dict.to_dict()
+            move_onto(tree, options.data_root, categories_from="val")  # COCO's train file is 450 MB
+            cfg = Config(tree)
+    merge_cfg_options(cfg, options.cfg_options)
     return cfg
 
 

@@ -31,12 +31,9 @@ def _resumed(options: TrainOptions, work: Path, config_path: Path) -> PreparedRu
 
     from mmcv import Config
 
-    from akd_cli.mm.config import merge_cfg_options, resume_config
+    from akd_cli.mm.config import merge_cfg_options, read_config, resume_config
 
-    try:
-        tree = Config.fromfile(str(config_path))._cfg_dict.to_dict()
-    except Exception as exc:  # a damaged file the user may have edited
-        raise UserError(f"cannot read {config_path}: {' '.join(str(exc).split())[:200]}") from None
+    tree = read_config(config_path)._cfg_dict.to_dict()
     epochs = [int(m.group(1)) for p in work.glob("epoch_*.pth") if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name))]
     notes = resume_config(tree, options, max(epochs) if epochs else None)
     cfg = Config(tree)
@@ -60,18 +57,14 @@ def prepare(options: TrainOptions) -> PreparedRun:
     compat.apply()
     from mmcv import Config
 
-    from akd_cli.mm.config import SHAPING_OPTIONS, apply_options, build_configs, merge_cfg_options
+    from akd_cli.mm.config import SHAPING_OPTIONS, apply_options, build_configs, merge_cfg_options, read_config
     from akd_cli.presets import load_preset
 
     if options.config:
         path = Path(options.config)
         if not path.is_file():
             raise UserError(f"config not found: {path}")
-        try:
-            cfg = Config.fromfile(str(path))
-        except Exception as exc:  # a user's file: syntax errors and missing bases are input errors
-            raise UserError(f"cannot read config {path}: {' '.join(str(exc).split())[:200]}") from None
-        tree = cfg._cfg_dict.to_dict()
+        tree = read_config(path)._cfg_dict.to_dict()
         notes = apply_options(tree, options)
         cfg = Config(tree)
         merge_cfg_options(cfg, options.cfg_options)
@@ -131,23 +124,17 @@ def check_teacher_fits(options: TrainOptions, cfg, teacher_cfg, checkpoint: Opti
 
     import torch
 
-    from akd_cli.mm.checkpoints import CheckpointMismatch, cached_download, check_fits, load_checkpoint_file
-    from akd_cli.mm.checkpoints import CheckpointLoadError, without_ddp_prefix
+    from akd_cli.mm.checkpoints import CheckpointMismatch, cached_download, check_fits, read_checkpoint
     from akd_cli.mm.data import split_of
     from mmdet.models import build_detector
 
     if not checkpoint:
         return
     path = cached_download(checkpoint) if "://" in checkpoint else str(Path(checkpoint).expanduser())
-    try:
-        state = load_checkpoint_file(path, map_location="cpu")
-    except CheckpointLoadError as exc:
-        raise UserError(str(exc)) from None
-    if not isinstance(state, dict):
-        raise UserError(f"teacher checkpoint {checkpoint} holds no state dict")
+    state_dict, meta = read_checkpoint(path)
     train = split_of(cfg.data, "train") or {}
     classes = tuple(train.get("classes") or ()) or None
-    trained_on = (state.get("meta") or {}).get("CLASSES") if isinstance(state.get("meta"), dict) else None
+    trained_on = meta.get("CLASSES")
     where = f" --data-root {options.data_root}" if options.data_root else ""
     hint = (f"train a teacher on this data (akd train --preset {options.preset} --train-teacher{where}) "
             "or pass a --teacher-checkpoint trained on it") if options.preset else "pass a teacher trained on this data"
@@ -157,13 +144,10 @@ def check_teacher_fits(options: TrainOptions, cfg, teacher_cfg, checkpoint: Opti
     if classes and trained_on is not None and tuple(trained_on) != classes:
         raise UserError(f"teacher checkpoint {checkpoint} was trained on {len(trained_on)} categories ({few(trained_on)}); "
                         f"the data has {len(classes)} ({few(classes)}): {hint}")
-    state_dict = state.get("state_dict", state)
-    if not isinstance(state_dict, dict) or not state_dict:
-        raise UserError(f"teacher checkpoint {checkpoint} holds no state dict")
     with torch.device("meta"):
         model = build_detector(copy.deepcopy(teacher_cfg))
     try:
-        check_fits(model, without_ddp_prefix(state_dict), checkpoint, "teacher")
+        check_fits(model, state_dict, checkpoint, "teacher")
     except CheckpointMismatch as exc:
         raise UserError(f"{exc}" + (f" (the data has {len(classes)} categories: {hint})" if classes else "")) from None
 

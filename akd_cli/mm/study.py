@@ -247,6 +247,10 @@ def _subprocess(options: TrainOptions, work: Path, evaluate: bool, env: Dict[str
     return code, (errors or lines or ["no output"])[-1][:300]
 
 
+def _metrics(work: Path) -> Dict[str, float]:
+    return json.loads((work / "metrics.json").read_text())["metrics"]
+
+
 def plan_runs(spec: StudySpec) -> List[Run]:
     runs = []
     for config in spec.configurations():
@@ -256,7 +260,7 @@ def plan_runs(spec: StudySpec) -> List[Run]:
             options = spec.train_options(config, seed, str(work), resume=state == "resume")
             run = Run(config, seed, work, options, state)
             if state == "done":
-                run.metrics = json.loads((work / "metrics.json").read_text())["metrics"]
+                run.metrics = _metrics(work)
             runs.append(run)
     return runs
 
@@ -291,6 +295,7 @@ def run_study(spec: StudySpec, *, say: Callable[[str], None] = print, progress=N
         slots = [",".join(map(str, range(i, i + spec.gpus_per_run)))
                  for i in range(0, visible - spec.gpus_per_run + 1, spec.gpus_per_run)]
         spec = replace(spec, jobs=min(spec.jobs, len(slots)) if spec.jobs > 1 else len(slots))
+        slots = slots[:spec.jobs]  # the pool has one worker a slot: --jobs bounds GPU runs too
     else:
         slots = [None] * spec.jobs
     _check_same_study(spec)
@@ -317,7 +322,7 @@ def run_study(spec: StudySpec, *, say: Callable[[str], None] = print, progress=N
         try:
             code, tail = _subprocess(run.options, run.work_dir, evaluate=True, env=_job_env(spec, slot))
             if code == 0 and (run.work_dir / "metrics.json").is_file():
-                run.metrics = json.loads((run.work_dir / "metrics.json").read_text())["metrics"]
+                run.metrics = _metrics(run.work_dir)
                 run.state = "done"
             else:
                 run.state, run.error = "failed", tail

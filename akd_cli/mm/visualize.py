@@ -65,10 +65,9 @@ def visualize(request: VisualizeRequest) -> List[str]:
     from akd_cli.mm import compat
 
     compat.apply()
-    import matplotlib
+    from akd_cli.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import mmcv
     import torch
 
@@ -195,10 +194,9 @@ def _compare(request: VisualizeRequest, cfg, model, teacher_ckpt: str, original)
     """The paper's figure: teacher and several students, heat maps and detections side by side."""
     import copy
 
-    import matplotlib
+    from akd_cli.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import mmcv
     import torch
 
