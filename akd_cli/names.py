@@ -17,6 +17,13 @@ UNCERTAINTY_MODES = ("paper", "release", "none")
 AVATAR_WEIGHTINGS = ("mean", "inverse_variance")
 # How an Avatar is drawn from the teacher feature (akd_cli.core.avatars).
 PERTURBATIONS = ("dropout", "channel", "noise")
+# How the Avatars of a level are computed (akd_cli.core.akd): one at a time ("loop", the reference
+# and the CPU's default), or all in a few compiled passes over the teacher ("compiled"); "fused" runs
+# those passes uncompiled, to check them. The CLI offers AVATAR_KERNELS_CLI.
+AVATAR_KERNELS = ("loop", "compiled", "fused")
+AVATAR_KERNELS_CLI = ("loop", "compiled")
+# Where dropout masks come from: torch's generator, or the counter-based one the fused passes need.
+AVATAR_RNGS = ("torch", "counter")
 # Where the workers run: "auto" is CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cuda", "cpu")
 # Who starts the workers: akd itself (torch.distributed, one process per GPU) or Slurm's srun.

@@ -6,11 +6,14 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from akd_cli.core import fused as fused_passes
 from akd_cli.core.avatars import make_avatar
+from akd_cli.core.counter_rng import draw_seed
 from akd_cli.core.losses import build_base_losses
-from akd_cli.core.uncertainty import (AvatarWeigher, inverse_sigma, squared_difference_per_channel, standardise,
-                                      update_running)
-from akd_cli.names import AVATAR_WEIGHTINGS, BASE_LOSSES, PERTURBATIONS, UNCERTAINTY_MODES
+from akd_cli.core.precision import float32_reductions
+from akd_cli.core.uncertainty import (RELEASE_BN_EPS, AvatarWeigher, inverse_sigma, squared_difference_per_channel,
+                                      standardise, update_running)
+from akd_cli.names import AVATAR_KERNELS, AVATAR_RNGS, AVATAR_WEIGHTINGS, BASE_LOSSES, PERTURBATIONS, UNCERTAINTY_MODES
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -41,13 +44,21 @@ class AKDLoss(nn.Module):
             ``paper``'s running estimate; an int with ``num_levels``, or a list.
         fused: combine Avatars before the student-side term where the base loss allows it (same
             value as the per-Avatar loop, memory independent of ``num_avatars``).
+        avatar_kernel: ``loop`` (one Avatar at a time: the reference), ``compiled`` (all Avatars of a
+            level in a few ``torch.compile``d passes over the teacher, none stored; dropout and the
+            losses of ``akd_cli.core.fused.FUSED_BASES`` only), or ``fused`` (those passes uncompiled,
+            storing all Avatars: for checking ``compiled``).
+        avatar_rng: where dropout masks come from: ``torch``'s generator (the loop's default, as the
+            release draws them) or the ``counter``-based generator (``akd_cli.core.counter_rng``), which
+            ``compiled`` and ``fused`` need: with it the loop draws the very Avatars they draw.
         **base_kwargs: the base loss's own options (``tau``, ``loss_weight``, ``alpha_mgd``, ...).
     """
 
     def __init__(self, base: str = "cwd", num_avatars: int = 1, drop_rate: float = 0.1,
                  uncertainty: str = "release", weighting: str = "mean", perturbation: str = "dropout",
                  sigma_momentum: float = 0.1, channels: Optional[Union[int, Sequence[int]]] = None,
-                 num_levels: Optional[int] = None, fused: bool = True, **base_kwargs):
+                 num_levels: Optional[int] = None, fused: bool = True, avatar_kernel: str = "loop",
+                 avatar_rng: Optional[str] = None, **base_kwargs):
         super().__init__()
         if isinstance(num_avatars, bool) or not isinstance(num_avatars, int) or num_avatars < 0:
             raise ValueError(f"num_avatars must be an integer >= 0, got {num_avatars!r}")
@@ -57,9 +68,25 @@ class AKDLoss(nn.Module):
             raise ValueError(f"sigma_momentum must be in (0, 1], got {sigma_momentum!r}")
         for value, allowed, what in ((uncertainty, UNCERTAINTY_MODES, "uncertainty"),
                                      (weighting, AVATAR_WEIGHTINGS, "weighting"),
-                                     (perturbation, PERTURBATIONS, "perturbation"), (base, BASE_LOSSES, "base loss")):
+                                     (perturbation, PERTURBATIONS, "perturbation"), (base, BASE_LOSSES, "base loss"),
+                                     (avatar_kernel, AVATAR_KERNELS, "avatar kernel")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+        if avatar_rng is None:
+            avatar_rng = "torch" if avatar_kernel == "loop" else "counter"
+        if avatar_rng not in AVATAR_RNGS:
+            raise ValueError(f"unknown avatar rng {avatar_rng!r}; expected one of {', '.join(AVATAR_RNGS)}")
+        if avatar_kernel != "loop":
+            if avatar_rng != "counter":
+                raise ValueError(f"avatar_kernel={avatar_kernel!r} regenerates each dropout mask in every pass: "
+                                 "it needs avatar_rng='counter'")
+            if base not in fused_passes.FUSED_BASES:
+                raise ValueError(f"{base}'s teacher side is not a weighted sum of the Avatars' terms: "
+                                 f"avatar_kernel={avatar_kernel!r} serves {', '.join(fused_passes.FUSED_BASES)}; "
+                                 "use avatar_kernel='loop'")
+        if avatar_rng == "counter" and perturbation != "dropout":
+            raise ValueError(f"the counter-based generator (avatar_kernel {avatar_kernel!r}, avatar_rng 'counter') "
+                             f"draws dropout Avatars, not {perturbation!r}")
         self.base_name = base
         self.num_avatars = num_avatars
         self.drop_rate = float(drop_rate)
@@ -68,6 +95,8 @@ class AKDLoss(nn.Module):
         self.perturbation = perturbation
         self.sigma_momentum = float(sigma_momentum)
         self.fused = fused
+        self.avatar_kernel = avatar_kernel
+        self.avatar_rng = avatar_rng
         self.base_losses = build_base_losses(base, num_levels, channels, **base_kwargs)
         if channels is not None and uncertainty == "paper":
             per_level = [channels] * (num_levels or 1) if isinstance(channels, int) else list(channels)
@@ -77,7 +106,7 @@ class AKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"base={self.base_name}, num_avatars={self.num_avatars}, drop_rate={self.drop_rate}, "
                 f"uncertainty={self.uncertainty}, weighting={self.weighting}, perturbation={self.perturbation}, "
-                f"fused={self.fused}")
+                f"fused={self.fused}, avatar_kernel={self.avatar_kernel}, avatar_rng={self.avatar_rng}")
 
     def forward(self, student: Features, teacher: Features, **context) -> torch.Tensor:
         """Sum over levels of the base loss on the Avatars. ``context`` reaches the base loss
@@ -104,25 +133,28 @@ class AKDLoss(nn.Module):
         base = self._base_for(level)
         if self.num_avatars == 0:
             return base(student, teacher, **context)
+        seed = draw_seed(teacher.device) if self.avatar_rng == "counter" and self.drop_rate > 0.0 else None
+        if self.avatar_kernel != "loop" and seed is not None:
+            return self._fused_level_loss(level, base, student, teacher, seed, **context)
         student = base.align_student(student)
         scale = None
         if self.uncertainty == "paper" and self.drop_rate > 0.0:
-            scale = self._inverse_sigma(level, teacher).to(student.dtype)
+            scale = self._inverse_sigma(level, teacher, seed).to(student.dtype)
             student = student * scale
         elif self.uncertainty == "release":
             student = standardise(student)
         prepared = base.prepare_student(student, **context)
         if self.num_avatars == 1:
             # One Avatar needs no weighting pass and no accumulator: its loss is the base loss on it.
-            avatar = self._as_seen(base, make_avatar(teacher, self.perturbation, self.drop_rate), scale)
+            avatar = self._as_seen(base, self._avatar(teacher, seed, 0), scale)
             return base.per_image(prepared, avatar, **context).sum()
         fuse = self.fused and base.fusable
         # Weights and accumulators stay in float32 whatever the features' dtype: the unnormalised
         # inverse-variance weights exceed float16's range (1 / u is ~1e5 on real FPN maps).
         total_weight = weighted = weighted_constant = phi_dtype = phi = term = None
         weigher = AvatarWeigher(teacher, self.weighting)
-        for _ in range(self.num_avatars):
-            raw = make_avatar(teacher, self.perturbation, self.drop_rate)
+        for index in range(self.num_avatars):
+            raw = self._avatar(teacher, seed, index)
             weight = weigher(raw)                                                  # N, float32
             avatar = self._as_seen(base, raw, scale)
             raw = None
@@ -148,6 +180,56 @@ class AKDLoss(nn.Module):
             return base.fused(prepared, phi_bar, weighted_constant / total_weight.double(), **context).sum()
         return (weighted / total_weight).sum()
 
+    def _avatar(self, teacher: torch.Tensor, seed: Optional[torch.Tensor], index: int) -> torch.Tensor:
+        """Avatar ``index`` of this step: from torch's generator (``seed`` None: each call draws the
+        next one), or from the counter-based stream of ``seed``."""
+        return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
+
+    def _fused_level_loss(self, level: int, base, student: torch.Tensor, teacher: torch.Tensor,
+                          seed: torch.Tensor, **context) -> torch.Tensor:
+        """The loop's value, with the teacher side of all Avatars in a few passes (akd_cli.core.fused)."""
+        compiled = self.avatar_kernel == "compiled"
+        k, p = self.num_avatars, self.drop_rate
+        n, c, h, w = teacher.shape
+        standardised = self.uncertainty == "release" and base.release_standardises_avatar
+        pearson = getattr(base, "normalises_teacher", False)
+        student = base.align_student(student)
+        with torch.no_grad(), float32_reductions(teacher):
+            keys = fused_passes.avatar_keys(seed, k)
+            wanted = dict(sigma=self.uncertainty == "paper", per_avatar_channel=standardised or pearson,
+                          per_image_channel=self.weighting == "inverse_variance")
+            stats = fused_passes.function("statistics", compiled)(teacher, keys, p, **wanted) \
+                if any(wanted.values()) else {}
+            affines = []
+            if self.uncertainty == "paper":
+                scale = self._sigma_from_total(level, teacher, stats["sigma_sum"]).to(student.dtype)
+                affines.append(("mul", None, scale.view(1, c).expand(k, c)))
+            elif standardised:
+                affines.append(("div", stats["mean"], torch.sqrt(stats["var"] + RELEASE_BN_EPS)))
+            if pearson:
+                affines.append(_pearson_affine(stats["mean"], stats["var"], n * h * w, affines))
+            weights = AvatarWeigher(teacher, self.weighting).from_channel_means(
+                stats["image_channel_mean"] if "image_channel_mean" in stats else teacher.new_zeros(k, n, 0))
+        if self.uncertainty == "paper":
+            student = student * scale.view(1, c, 1, 1)
+        elif self.uncertainty == "release":
+            student = standardise(student)
+        prepared = base.prepare_student(student, **context)
+        with torch.no_grad(), float32_reductions(teacher):
+            if self.base_name == "cwd":
+                phi_bar, constant = fused_passes.function("cwd", compiled)(
+                    teacher, keys, p, affines, weights, base.tau, base._scale(teacher))
+            elif self.base_name == "maskd":
+                student_masks = (base.tokens.masks(prepared.detach().float()).float()
+                                 if base._with_student_masks else None)
+                phi_bar, constant = fused_passes.function("maskd", compiled)(
+                    teacher, keys, p, affines, weights, base.tokens, student_masks)
+            else:
+                phi_bar, constant = fused_passes.function("mse", compiled)(teacher, keys, p, affines, weights)
+        if self.base_name != "maskd":  # the dtype the loop's accumulator is cast back to
+            phi_bar = phi_bar.to(teacher.dtype)
+        return base.fused(prepared, phi_bar, constant, **context).sum()
+
     def _as_seen(self, base, avatar: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """The Avatar as the base loss takes it under the factor."""
         if scale is not None:
@@ -165,18 +247,24 @@ class AKDLoss(nn.Module):
             self.register_buffer(f"sigma_steps_{level}", torch.zeros((), dtype=torch.long, device=device))
         return getattr(self, name), getattr(self, f"sigma_steps_{level}")
 
-    def _inverse_sigma(self, level: int, teacher: torch.Tensor) -> torch.Tensor:
+    def _inverse_sigma(self, level: int, teacher: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
         """1 / sigma per channel (1 x C x 1 x 1, float32, no gradient) for this step's Avatars."""
-        n, c, h, w = teacher.shape
+        c = teacher.shape[1]
         with torch.no_grad():
             # Draw this step's Avatars for their spread, then rewind the generator: the loss draws
             # the very same Avatars again, so none has to be kept in memory meanwhile.
             state = _rng_state(teacher.device)
             total = torch.zeros(c, device=teacher.device, dtype=torch.float32)
-            for _ in range(self.num_avatars):
-                total += squared_difference_per_channel(make_avatar(teacher, self.perturbation, self.drop_rate),
-                                                        teacher)
+            for index in range(self.num_avatars):
+                total += squared_difference_per_channel(self._avatar(teacher, seed, index), teacher)
             _set_rng_state(teacher.device, state)
+            return self._sigma_from_total(level, teacher, total).view(1, c, 1, 1)
+
+    def _sigma_from_total(self, level: int, teacher: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """1 / sigma per channel (C) from this step's sum of (a_k - T)^2 over Avatars, images and
+        positions: all ranks' sums together, then the running estimate."""
+        n, c, h, w = teacher.shape
+        with torch.no_grad():
             count = torch.tensor(float(self.num_avatars * n * h * w), device=teacher.device)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(total)
@@ -187,7 +275,7 @@ class AKDLoss(nn.Module):
                 sigma2 = update_running(running, batch, steps, self.sigma_momentum)
             else:
                 sigma2 = running if int(steps) > 0 else batch
-            return inverse_sigma(sigma2).view(1, c, 1, 1)
+            return inverse_sigma(sigma2)
 
     def _validate(self, student: Features, teacher: Features):
         students = [student] if torch.is_tensor(student) else list(student)
@@ -215,6 +303,16 @@ class AKDLoss(nn.Module):
                         raise ValueError(f"level {i}: {role} feature of shape {tuple(x.shape)} "
                                          "holds non-finite values")
         return students, teachers
+
+
+def _pearson_affine(mean: torch.Tensor, var: torch.Tensor, count: int, affines: list):
+    """PKD's normalisation of the Avatars as seen (each channel to zero mean and unit unbiased
+    std), from the raw Avatars' moments through the affines before it: ("div", mean', std' + 1e-6)."""
+    for op, shift, factor in affines:
+        mean = mean - shift if shift is not None else mean
+        mean, var = (mean * factor, var * factor ** 2) if op == "mul" else (mean / factor, var / factor ** 2)
+    std = torch.sqrt(var * (count / max(count - 1, 1)))
+    return ("div", mean, std + 1e-6)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:

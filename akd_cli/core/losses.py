@@ -148,6 +148,8 @@ class PKDLoss(MSELoss):
     """Pearson-correlation distillation (Cao et al., 2022): MSE between the channel-normalised
     student and teacher, halved, times ``loss_weight``. Fusable like MSE (on normalised Avatars)."""
 
+    normalises_teacher = True  # the fused Avatar passes compose its normalisation into the factor's
+
     def __init__(self, loss_weight: float = 6.0):
         super().__init__(loss_weight=loss_weight)
 

@@ -88,13 +88,23 @@ class AvatarWeigher:
     def uncertainty(self, avatar: torch.Tensor) -> torch.Tensor:
         """u[n]: the variance over channels of the standardised channel-mean shift (shape N)."""
         with torch.no_grad():
-            shift = (avatar.float().flatten(2).mean(dim=2) - self.mean) / self.spread
-            return shift.var(dim=1, unbiased=False)
+            return self._from_channel_means(avatar.float().flatten(2).mean(dim=2))
+
+    def _from_channel_means(self, means: torch.Tensor) -> torch.Tensor:
+        shift = (means - self.mean) / self.spread
+        return shift.var(dim=-1, unbiased=False)
 
     def __call__(self, avatar: torch.Tensor) -> torch.Tensor:
         if self.ones is not None:
             return self.ones
         return 1.0 / (self.uncertainty(avatar) + _WEIGHT_EPS)
+
+    def from_channel_means(self, means: torch.Tensor) -> torch.Tensor:
+        """The weights of K Avatars at once from their channel means (K x N x C): K x N."""
+        if self.ones is not None:
+            return self.ones.expand(means.shape[0], -1)
+        with torch.no_grad():
+            return 1.0 / (self._from_channel_means(means.float()) + _WEIGHT_EPS)
 
 
 def avatar_uncertainty(teacher: torch.Tensor, avatar: torch.Tensor) -> torch.Tensor:

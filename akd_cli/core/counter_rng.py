@@ -1,0 +1,73 @@
+"""A counter-based generator for dropout masks: the keep bit of element i of Avatar k is a pure
+function of (seed, k, i), so a second pass over the teacher regenerates exactly the mask the
+first drew, and a compiled kernel draws it in registers without ever storing it.
+
+torch's own dropout cannot do that: its masks come from a stateful generator (Philox on CUDA,
+Mersenne Twister on the CPU) whose stream a kernel cannot re-enter at element i, and inductor's
+in-kernel random numbers differ from eager mode's. This generator is integer arithmetic only, so
+eager mode, inductor's C++ code on the CPU and its Triton code on a GPU give the same bits.
+
+The element hash is lowbias32 (C. Wellons, "Hash function prospector", 2018) of the index and a
+seed key; each Avatar then xors its own key and multiplies by its own odd number (see keep_mask). Values are uint32 held in int64, and every product stays below 2^63 (the second multiplier
+is split into 16-bit halves), so no backend meets signed overflow. The keep test compares the top
+24 bits with round(p * 2^24): the dropout rate is quantised to 2^-24 (0.1 becomes 0.1000000238).
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+SEED_HIGH = 2 ** 31 - 1
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = ((((x * 0x846C) & 0xFFFF) << 16) + x * 0xA68B) & _M32  # x * 0x846CA68B mod 2^32
+    return x ^ (x >> 16)
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A 0-d int64 seed from torch's generator on ``device``: reproducible under torch.manual_seed,
+    and on a GPU it stays there (no host synchronisation)."""
+    return torch.randint(SEED_HIGH, (), device=device, dtype=torch.int64)
+
+
+def avatar_keys(seed: torch.Tensor, indices: torch.Tensor):
+    """(the seed's key, each Avatar's key, each Avatar's odd multiplier < 2^31): int64 tensors."""
+    seed_key = mix32(mix32(seed & _M32))
+    key = mix32(mix32((seed + _GOLDEN * (indices + 1)) & _M32))
+    return seed_key, key, (mix32(key ^ 0x5BD1E995) & 0x7FFFFFFF) | 1
+
+
+def threshold(drop_rate: float) -> int:
+    return int(round(float(drop_rate) * (1 << 24)))
+
+
+def keep_mask(shape, keys, drop_rate: float) -> torch.Tensor:
+    """Keep bits of shape ``K + shape`` for ``keys = avatar_keys(seed, indices)`` (K = indices' shape).
+
+    Element i of Avatar k is kept iff the top 24 bits of ((h_i ^ key_k) * mult_k) mod 2^32 reach
+    round(p * 2^24), with h_i = mix32(i ^ seed_key): probability 1 - p. Each step is a bijection of
+    a uniform value, and no value is used twice after the element hash: a compiler computes each
+    Avatar's bit in registers (deeper xorshift chains per Avatar made inductor store a K-fold
+    intermediate, or made its inlining time explode). The keys are computed beforehand: a compiled
+    caller takes them as inputs, so their hashing does not count towards the per-element expression.
+    """
+    seed_key, key, mult = keys
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    counter = torch.arange(numel, device=key.device, dtype=torch.int64).view(*shape) & _M32
+    lead = (...,) + (None,) * len(shape)
+    mixed = ((mix32(counter ^ seed_key) ^ key[lead]) * mult[lead]) & _M32
+    return (mixed >> 8) >= threshold(drop_rate)
+
+
+def dropout(teacher: torch.Tensor, keep: torch.Tensor, drop_rate: float) -> torch.Tensor:
+    """Inverted dropout with given keep bits; one expression for the loop and the fused passes, so
+    both compute each Avatar element with the same float operations."""
+    return teacher * (keep.to(teacher.dtype) * (1.0 / (1.0 - drop_rate)))

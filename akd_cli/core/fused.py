@@ -1,0 +1,153 @@
+r"""The teacher side of AKD for all K Avatars of a level at once, written over a virtual K x N x C x H x W
+tensor that is never stored: compiled (``torch.compile``: Triton on a GPU, C++ on the CPU), each
+Avatar element is regenerated in registers from the teacher element and a counter-based dropout
+mask (``akd_cli.core.counter_rng``) inside the few reductions that need it.
+
+What a step computes, for the base losses whose teacher side is a weighted sum (CWD, MSE, MGD, PKD,
+MasKD; see ``akd_cli.core.losses``), and how many passes over the teacher map it takes:
+
+1. statistics of the raw Avatars, only those the options need (one pass): the paper's
+   sum (a_k - T)^2 per channel; the release's per-(Avatar, channel) mean and variance (its
+   standardisation); per-(Avatar, image, channel) means (the inverse-variance weights);
+2. the factor, as a per-(Avatar, channel) affine map a -> (a - shift) * mult or (a - shift) / div
+   (the paper's sigma: mult = 1 / sigma; the release's: shift = mean, div = sqrt(var + eps); PKD's
+   normalisation composed on top); the weights g[k, n];
+3. the base loss's teacher term phi_bar = sum_k g phi(a_k) / sum_k g and the student-free
+   constant (CWD: row maximum, then exp-sums, then the K-reduction: three passes; MSE/MGD/PKD: one;
+   MasKD: its token masks, then one).
+
+The student side (``BaseLoss.fused``) is the loop path's own code, so values and gradients equal
+the loop path's (``AKDLoss(avatar_kernel="loop", avatar_rng="counter")``) to float32 rounding:
+only the order of the sums over Avatars differs. Under float16 autocast the features arrive in
+float16; these passes compute in float32 throughout (the loop path computes each Avatar in the
+feature's dtype), so the two agree to float16's precision, and no sum can overflow.
+
+Run eagerly (``avatar_kernel="fused"``) the same functions materialise all K Avatars: that mode
+exists to check the compiled one against, not to be used.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from akd_cli.core import counter_rng
+
+_LOG2_E = 1.4426950408889634
+# Base losses with a fused teacher side here; the others (FGD) keep the loop.
+FUSED_BASES = ("cwd", "mse", "mgd", "pkd", "maskd")
+
+
+def avatar_keys(seed: torch.Tensor, num_avatars: int):
+    """The Avatars' keys (``counter_rng.avatar_keys``), computed before the passes and given to them."""
+    return counter_rng.avatar_keys(seed, torch.arange(num_avatars, device=seed.device, dtype=torch.int64))
+
+
+def raw_avatars(teacher: torch.Tensor, keys, drop_rate: float) -> torch.Tensor:
+    """K x N x C x H x W float32 Avatars (virtual when compiled)."""
+    keep = counter_rng.keep_mask(teacher.shape, keys, drop_rate)
+    return counter_rng.dropout(teacher.float().unsqueeze(0), keep, drop_rate)
+
+
+def statistics(teacher: torch.Tensor, keys, drop_rate: float,
+               sigma: bool, per_avatar_channel: bool, per_image_channel: bool) -> Dict[str, torch.Tensor]:
+    """Pass 1: the raw Avatars' statistics the options need (float32)."""
+    a = raw_avatars(teacher, keys, drop_rate)
+    out = {}
+    if sigma:
+        out["sigma_sum"] = (a - teacher.float()).pow(2).sum(dim=(0, 1, 3, 4))                  # C
+    if per_avatar_channel:
+        # two-pass variance, as torch.var_mean: the mean first, then the centred squares
+        count = a.shape[1] * a.shape[3] * a.shape[4]
+        mean = a.sum(dim=(1, 3, 4)) / count                                                    # K x C
+        out["mean"] = mean
+        out["var"] = (a - mean[:, None, :, None, None]).pow(2).sum(dim=(1, 3, 4)) / count       # biased
+    if per_image_channel:
+        out["image_channel_mean"] = a.mean(dim=(3, 4))                                          # K x N x C
+    return out
+
+
+Affine = Tuple[str, Optional[torch.Tensor], torch.Tensor]
+
+
+def _seen(a: torch.Tensor, affines: Sequence[Affine]) -> torch.Tensor:
+    """The Avatars as the base loss takes them: each affine, in turn, maps a -> (a - shift) * mult
+    or (a - shift) / div per (Avatar, channel), the loop path's operations in its order."""
+    for op, shift, factor in affines:
+        a = a - shift[:, None, :, None, None] if shift is not None else a
+        factor = factor[:, None, :, None, None]
+        a = a * factor if op == "mul" else a / factor
+    return a
+
+
+def _normalised_weights(weights: torch.Tensor) -> torch.Tensor:
+    return weights / weights.sum(dim=0, keepdim=True)
+
+
+def cwd_terms(teacher, keys, drop_rate: float, affines, weights, tau: float, scale: float):
+    """CWD's phi_bar (N x C x HW) and constant (N, float64): the weighted mean of the Avatars'
+    spatial softmaxes, and of sum_c (sum_hw p log p) times the loss's scale."""
+    a = _seen(raw_avatars(teacher, keys, drop_rate), affines)
+    logits = a.flatten(3) if tau == 1.0 else a.flatten(3) / tau                                # K x N x C x HW
+    top = logits.amax(dim=3, keepdim=True)
+    lse = top + torch.log(torch.exp(logits - top).sum(dim=3, keepdim=True))                  # K x N x C x 1
+    # Each exponential has one consumer: inductor's CPU code stores a reused exp (a K-fold tensor);
+    # the entropy's, sum_hw p (logit - lse) = sum_hw p log p, is written with exp2 for that reason.
+    g = _normalised_weights(weights)                                                           # K x N
+    phi_bar = (torch.exp(logits - lse) * g[:, :, None, None]).sum(dim=0)
+    centred = logits - lse
+    entropy = (torch.exp2(centred * _LOG2_E) * centred).sum(dim=3)                             # K x N x C
+    constant = (entropy.sum(dim=2) * scale * g).sum(dim=0)
+    return phi_bar, constant.double()
+
+
+def mse_terms(teacher, keys, drop_rate: float, affines, weights):
+    """MSE's (and MGD's, PKD's) phi_bar (N x C x H x W, the weighted mean Avatar) and constant
+    (N, float64: the weighted mean of |a_k|^2)."""
+    a = _seen(raw_avatars(teacher, keys, drop_rate), affines)
+    g = _normalised_weights(weights)
+    phi_bar = (a * g[:, :, None, None, None]).sum(dim=0)
+    constant = (a.pow(2).sum(dim=(2, 3, 4)) * g).sum(dim=0)
+    return phi_bar, constant.double()
+
+
+def maskd_terms(teacher, keys, drop_rate: float, affines, weights, tokens,
+                student_masks: Optional[torch.Tensor]):
+    """MasKD's accumulator (N x (C+1) x H x W: sum_k g b_k a_k, then sum_k g b_k) and constant
+    (N, float64: sum_k g sum_hw b_k |a_k|^2), b_k = sum_t w_t m_t^2 / (c sum_hw m_t)."""
+    a = _seen(raw_avatars(teacher, keys, drop_rate), affines)
+    k, n, c, h, w = a.shape
+    token = tokens.mask_token.float()                                                          # T x C
+    # A broadcast sum, not an einsum: a matrix product would make inductor store the Avatars.
+    masks = torch.sigmoid((a.unsqueeze(2) * token[None, None, :, :, None, None]).sum(dim=3))  # K x N x T x H x W
+    if student_masks is not None:
+        masks = masks * student_masks.unsqueeze(0)
+    token_weights = tokens.weights(a.reshape(k * n, c, h, w)).float().view(k, n, -1)           # K x N x T
+    per_token = token_weights / (c * masks.sum(dim=(3, 4)))
+    position = (masks.pow(2) * per_token[..., None, None]).sum(dim=2, keepdim=True)            # K x N x 1 x H x W
+    g = _normalised_weights(weights)[:, :, None, None, None]
+    weighted = (a * (position * g)).sum(dim=0)
+    phi_bar = torch.cat([weighted, (position * g).sum(dim=0)], dim=1)
+    constant = ((a.pow(2) * position).sum(dim=(2, 3, 4)) * g.flatten(1)).sum(dim=0)
+    return phi_bar, constant.double()
+
+
+# Inductor stores ("realises") a pointwise expression of more than 30 operations (50 on the CPU),
+# or with more than 8 (12) buffer reads, even when it has a single consumer, and one with more than
+# 4 reads that has two consumers. The Avatar expression,
+# dropout and factor included, is about 20 operations: inlining it is cheaper than storing a K-fold
+# tensor, and none of these expressions fans out deeply enough for inlining to grow exponentially.
+COMPILE_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 32, "realize_reads_threshold": 16}
+
+FUNCTIONS = {"statistics": statistics, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
+_compiled: Dict[str, object] = {}
+
+
+def function(name: str, compiled: bool):
+    """The pass ``name``, compiled once per process (dynamic shapes: one compilation serves every
+    level and image size)."""
+    if not compiled:
+        return FUNCTIONS[name]
+    if name not in _compiled:
+        _compiled[name] = torch.compile(FUNCTIONS[name], dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
+    return _compiled[name]
