@@ -164,6 +164,7 @@ Method = _choices("Method", names.METHODS)
 Uncertainty = _choices("Uncertainty", names.UNCERTAINTY_MODES)
 Weighting = _choices("Weighting", names.AVATAR_WEIGHTINGS)
 Perturbation = _choices("Perturbation", names.PERTURBATIONS)
+AvatarKernel = _choices("AvatarKernel", names.AVATAR_KERNELS_CLI)
 Device = _choices("Device", names.DEVICES)
 Launcher = _choices("Launcher", names.LAUNCHERS)
 EvalRole = _choices("EvalRole", names.EVAL_ROLES)
@@ -196,6 +197,9 @@ _DROP = typer.Option(None, "--drop-rate", min=0.0, max=0.99, help="Avatar pertur
 _UNC = typer.Option(None, "--uncertainty", help="Uncertainty factor: the paper's sigma, the release's computation, or none.")
 _WEIGHTING = typer.Option(None, "--weighting", help="How several Avatars combine: their mean, or akd's inverse-variance weights.")
 _PERTURB = typer.Option(None, "--perturbation", help="How an Avatar is drawn from the teacher feature.")
+_KERNEL = typer.Option(None, "--avatar-kernel",
+                       help="loop: one Avatar at a time (torch's dropout); compiled: all of a level's Avatars in a few "
+                            "torch.compile'd passes (counter-based dropout; cwd, mse, mgd, pkd, maskd).")
 _EPOCHS = typer.Option(None, "--epochs", min=1, max=1000, help="Training epochs (default: the preset's schedule).")
 _BATCH = typer.Option(None, "--batch-size", min=1, max=1024, help="Images per GPU (per worker).")
 _CFG_OPTS = typer.Option(None, "--cfg-options", help="Override config keys: key=value (repeatable).")
@@ -228,8 +232,8 @@ def config_command(
     data_root: Optional[Path] = _DATA_ROOT, teacher_checkpoint: Optional[str] = _TEACHER_CKPT,
     method: Optional[Method] = _METHOD, num_avatars: Optional[int] = _AVATARS, drop_rate: Optional[float] = _DROP,
     uncertainty: Optional[Uncertainty] = _UNC, weighting: Optional[Weighting] = _WEIGHTING,
-    perturbation: Optional[Perturbation] = _PERTURB, epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH,
-    cfg_options: Optional[List[str]] = _CFG_OPTS,
+    perturbation: Optional[Perturbation] = _PERTURB, avatar_kernel: Optional[AvatarKernel] = _KERNEL,
+    epochs: Optional[int] = _EPOCHS, batch_size: Optional[int] = _BATCH, cfg_options: Optional[List[str]] = _CFG_OPTS,
     train_teacher: bool = _TRAIN_TEACHER, learn_tokens: bool = _LEARN_TOKENS, token_file: Optional[str] = _TOKENS,
     iters: Optional[int] = _ITERS,
 ) -> None:
@@ -241,7 +245,8 @@ def config_command(
     options = TrainOptions(
         preset=preset, data_root=_path(data_root), teacher_checkpoint=teacher_checkpoint, method=_value(method),
         num_avatars=num_avatars, drop_rate=drop_rate, uncertainty=_value(uncertainty), weighting=_value(weighting),
-        perturbation=_value(perturbation), epochs=epochs, batch_size=batch_size, cfg_options=_cfg_options(cfg_options),
+        perturbation=_value(perturbation), avatar_kernel=_value(avatar_kernel), epochs=epochs, batch_size=batch_size,
+        cfg_options=_cfg_options(cfg_options),
         kind=_kind(train_teacher, learn_tokens), token_file=token_file, iters=iters)
     from akd_cli.mm.config import dump_config
     from akd_cli.mm.runs import prepare
@@ -277,7 +282,7 @@ def train_command(
     batch_size: Optional[int] = _BATCH, epochs: Optional[int] = _EPOCHS, num_avatars: Optional[int] = _AVATARS,
     drop_rate: Optional[float] = _DROP, uncertainty: Optional[Uncertainty] = _UNC,
     weighting: Optional[Weighting] = _WEIGHTING, perturbation: Optional[Perturbation] = _PERTURB,
-    method: Optional[Method] = _METHOD,
+    avatar_kernel: Optional[AvatarKernel] = _KERNEL, method: Optional[Method] = _METHOD,
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed (the same on every worker)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic cuDNN kernels."),
     amp: bool = typer.Option(False, "--amp", help="Mixed precision (CUDA only)."),
@@ -300,7 +305,7 @@ def train_command(
         preset=preset, config=_path(config), data_root=_path(data_root), work_dir=_path(work_dir),
         teacher_checkpoint=teacher_checkpoint, method=_value(method), num_avatars=num_avatars, drop_rate=drop_rate,
         uncertainty=_value(uncertainty), weighting=_value(weighting), perturbation=_value(perturbation),
-        epochs=epochs, batch_size=batch_size,
+        avatar_kernel=_value(avatar_kernel), epochs=epochs, batch_size=batch_size,
         cfg_options=_cfg_options(cfg_options), kind=_kind(train_teacher, learn_tokens), token_file=token_file,
         iters=iters, seed=seed, deterministic=deterministic, amp=amp, resume=resume, validate=validate,
         verbose=verbose, trust_checkpoint=trust_checkpoint, loggers=tuple(_value(v) for v in logger or []), launch=plan)

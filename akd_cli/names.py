@@ -41,7 +41,7 @@ FAMILIES = ("two_stage", "retinanet", "fcos", "reppoints")
 PAPER_TABLES = ("baseline", "stronger")
 # What `akd study --grid KEY=...` and `--variant NAME:KEY=...` may vary: the training options that
 # define a configuration (each a TrainOptions field of that name); seeds are the study's own axis.
-STUDY_KEYS = ("method", "num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation", "epochs",
+STUDY_KEYS = ("method", "num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation", "avatar_kernel", "epochs",
               "batch_size")
 # Metrics a study summarises over seeds (metrics.json names).
 STUDY_METRICS = ("AP", "AP50", "AP75")

@@ -72,6 +72,7 @@ class TrainOptions:
     uncertainty: Optional[str] = None     # names.UNCERTAINTY_MODES
     weighting: Optional[str] = None       # names.AVATAR_WEIGHTINGS
     perturbation: Optional[str] = None    # names.PERTURBATIONS
+    avatar_kernel: Optional[str] = None   # names.AVATAR_KERNELS_CLI; None: the loop
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
     cfg_options: Dict[str, Any] = field(default_factory=dict)
@@ -98,6 +99,7 @@ class TrainOptions:
         _one_of(self.uncertainty, names.UNCERTAINTY_MODES, "--uncertainty")
         _one_of(self.weighting, names.AVATAR_WEIGHTINGS, "--weighting")
         _one_of(self.perturbation, names.PERTURBATIONS, "--perturbation")
+        _one_of(self.avatar_kernel, names.AVATAR_KERNELS_CLI, "--avatar-kernel")
         _one_of(self.kind, names.RUN_KINDS, "the run kind")
         _in_range(self.num_avatars, 0, 64, "--num-avatars")
         _in_range(self.drop_rate, 0.0, 1.0, "--drop-rate", high_open=True)

@@ -307,7 +307,10 @@ def _distiller(preset: Preset, options: TrainOptions, student: Dict[str, Any], m
                      uncertainty=options.uncertainty or preset.uncertainty,
                      weighting=options.weighting or preset.weighting,
                      perturbation=options.perturbation or preset.perturbation,
-                     sigma_momentum=preset.sigma_momentum))
+                     sigma_momentum=preset.sigma_momentum,
+                     # not a recipe field: written only when given, so a preset's config stays its recipe
+                     **({"avatar_kernel": options.avatar_kernel} if options.avatar_kernel else {})))
+    check_avatar_kernel(model)
     return model
 
 
@@ -452,9 +455,27 @@ def merge_cfg_options(config, cfg_options: Dict[str, Any]) -> None:
 # The options that shape what a run trains; a resumed run keeps what it started with.
 SHAPING_OPTIONS = {"method": "--method", "num_avatars": "--num-avatars", "drop_rate": "--drop-rate",
                    "uncertainty": "--uncertainty", "weighting": "--weighting", "perturbation": "--perturbation",
+                   "avatar_kernel": "--avatar-kernel",
                    "teacher_checkpoint": "--teacher-checkpoint", "token_file": "--token-file",
                    "data_root": "--data-root", "batch_size": "--batch-size"}
-AVATAR_OPTIONS = ("num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation")
+AVATAR_OPTIONS = ("num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation", "avatar_kernel")
+
+
+def check_avatar_kernel(model: Dict[str, Any]) -> None:
+    """The compiled Avatar passes serve dropout Avatars of the fusable base losses: other settings
+    are refused before anything runs (AKDLoss would refuse them in every worker)."""
+    from akd_cli.core.fused import FUSED_BASES
+
+    avatars = model.get("avatars") or {}
+    if avatars.get("avatar_kernel", "loop") == "loop":
+        return
+    method, perturbation = model.get("method"), avatars.get("perturbation", "dropout")
+    if method not in FUSED_BASES:
+        raise UserError(f"--avatar-kernel {avatars['avatar_kernel']}: {method}'s teacher side is not a weighted "
+                        f"sum of its Avatars' terms; the compiled passes serve {', '.join(FUSED_BASES)} (use loop)")
+    if perturbation != "dropout":
+        raise UserError(f"--avatar-kernel {avatars['avatar_kernel']}: the compiled passes draw dropout Avatars "
+                        f"(the paper's), not {perturbation} (use loop)")
 
 
 def set_epochs(cfg: Dict[str, Any], epochs: int, *, keep_steps: bool = False) -> str:
@@ -526,6 +547,8 @@ def apply_options(cfg: Dict[str, Any], options: TrainOptions) -> list:
             raise UserError(f"{SHAPING_OPTIONS[name]}: this config distils nothing (model type "
                             f"{model.get('type')!r} without a teacher), so it has no Avatars")
         model["avatars"] = dict(model.get("avatars") or {}, **{name: value})
+    if distils:
+        check_avatar_kernel(model)
     if options.token_file:
         if not (distils and model.get("method") == "maskd"):
             raise UserError("--token-file: receptive tokens are for a MasKD distillation; this config is not one")

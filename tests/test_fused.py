@@ -1,0 +1,231 @@
+"""The fused Avatar passes (akd_cli/core/fused.py) against the loop they replace.
+
+The loop with the counter-based generator (avatar_rng="counter") draws the very Avatars the fused
+passes draw, so the two must agree to float32 rounding: values, gradients and the running sigma,
+over several steps, for every fusable base loss, factor and weighting. The compiled passes run
+here through inductor's C++ backend (on a GPU the same graphs become Triton kernels; test_cuda.py
+checks them there). Pure torch: no mmcv needed.
+"""
+import itertools
+import math
+import re
+
+import pytest
+import torch
+
+from akd_cli import AKDLoss
+from akd_cli.core import counter_rng, fused
+from akd_cli.core.avatars import make_avatar
+from akd_cli.core.tokens import ReceptiveTokens
+
+SHAPES = [(2, 16, 12, 10), (2, 16, 6, 5)]
+RTOL = 1e-5
+
+
+def _options(base):
+    options = dict(channels=16, num_levels=len(SHAPES)) if base in ("mgd", "maskd") else {}
+    if base == "maskd":
+        options["student_masks_after"] = 1  # the second step on uses the student's masks too
+    return options
+
+
+def _steps(kernel, base, uncertainty, weighting, avatars, steps=3, dtype=torch.float32, drop_rate=0.3):
+    """Loss values, student gradients and running sigma of a few training steps."""
+    torch.manual_seed(0)
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, drop_rate=drop_rate, uncertainty=uncertainty,
+                      weighting=weighting, avatar_kernel=kernel, avatar_rng="counter", **_options(base))
+    generator = torch.Generator().manual_seed(1)
+    students = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in SHAPES]
+    teachers = [(torch.randn(s, generator=generator) + 0.5).to(dtype) for s in SHAPES]
+    values, grads = [], []
+    for step in range(steps):
+        torch.manual_seed(10 + step)
+        loss = loss_fn(students, teachers)
+        loss.backward()
+        values.append(loss.item())
+        grads.append([s.grad.clone() for s in students])
+        for s in students:
+            s.grad = None
+    sigma = [loss_fn.running_sigma(i) for i in range(len(SHAPES))]
+    return values, grads, sigma
+
+
+def _relative(a, b):
+    return (a - b).abs().max().item() / max(a.abs().max().item(), 1e-30)
+
+
+def _assert_same(reference, other, rtol=RTOL):
+    (v1, g1, s1), (v2, g2, s2) = reference, other
+    for a, b in zip(v1, v2):
+        assert math.isfinite(b) and abs(a - b) <= rtol * abs(a), (v1, v2)
+    for step1, step2 in zip(g1, g2):
+        for a, b in zip(step1, step2):
+            assert _relative(a, b) <= rtol
+    for a, b in zip(s1, s2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert _relative(a, b) <= rtol
+
+
+# ---------------------------------------------------------------------------------- generator
+def test_counter_masks_keep_the_rate_and_are_independent_across_avatars_and_positions():
+    seed, p, n = torch.tensor(12345), 0.1, 200_000
+    keep = counter_rng.keep_mask((n,), counter_rng.avatar_keys(seed, torch.arange(4)), p).double()
+    bound = 5 * math.sqrt(p * (1 - p) / n)                    # 5 standard errors
+    for k in range(4):
+        assert abs(keep[k].mean().item() - (1 - p)) < bound
+    for a, b in itertools.combinations(range(4), 2):          # two Avatars, same positions
+        assert abs((keep[a] * keep[b]).mean().item() - (1 - p) ** 2) < bound
+    assert abs((keep[0, 1:] * keep[0, :-1]).mean().item() - (1 - p) ** 2) < bound   # neighbours
+    assert abs((keep[0, 16:] * keep[0, :-16]).mean().item() - (1 - p) ** 2) < bound
+
+
+def test_counter_masks_are_a_function_of_seed_avatar_and_position():
+    teacher = torch.randn(2, 8, 9, 7)
+    seed = counter_rng.draw_seed(teacher.device)
+    first, again = make_avatar(teacher, seed=seed, index=3), make_avatar(teacher, seed=seed, index=3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, make_avatar(teacher, seed=seed, index=2))
+    assert not torch.equal(first, make_avatar(teacher, seed=seed + 1, index=3))
+    everything = fused.raw_avatars(teacher, fused.avatar_keys(seed, 5), 0.1)
+    assert torch.equal(everything[3], first), "the fused passes and the loop draw the same Avatar"
+    kept = first != 0
+    assert torch.allclose(first[kept], teacher[kept] / 0.9)
+
+
+def test_seeds_come_from_torchs_generator():
+    torch.manual_seed(3)
+    a = counter_rng.draw_seed(torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(a, counter_rng.draw_seed(torch.device("cpu")))
+
+
+# ------------------------------------------------------------------------------ fused = loop
+CASES = list(itertools.product(fused.FUSED_BASES, ("paper", "release", "none"), ("mean", "inverse_variance"), (1, 3)))
+
+
+@pytest.mark.parametrize("base,uncertainty,weighting,avatars", CASES)
+def test_fused_passes_equal_the_loop(base, uncertainty, weighting, avatars):
+    _assert_same(_steps("loop", base, uncertainty, weighting, avatars),
+                 _steps("fused", base, uncertainty, weighting, avatars))
+
+
+COMPILED_CASES = [("cwd", "paper", "mean", 8), ("cwd", "none", "mean", 1), ("mse", "release", "inverse_variance", 3),
+                  ("maskd", "release", "mean", 2), ("pkd", "paper", "mean", 2), ("mgd", "release", "mean", 2)]
+
+
+@pytest.mark.parametrize("base,uncertainty,weighting,avatars", COMPILED_CASES)
+def test_compiled_passes_equal_the_loop(base, uncertainty, weighting, avatars):
+    _assert_same(_steps("loop", base, uncertainty, weighting, avatars),
+                 _steps("compiled", base, uncertainty, weighting, avatars))
+
+
+def test_compiled_passes_are_reproducible_under_a_seed():
+    assert _steps("compiled", "cwd", "paper", "mean", 4)[0] == _steps("compiled", "cwd", "paper", "mean", 4)[0]
+
+
+def test_float16_features_agree_to_float16_precision_and_sums_do_not_overflow():
+    # float16 features: the loop draws each Avatar in float16, the passes in float32; both sum in float32
+    for base in ("cwd", "mse", "maskd"):
+        loop = _steps("loop", base, "paper", "mean", 4, steps=2, dtype=torch.float16)
+        _assert_same(loop, _steps("fused", base, "paper", "mean", 4, steps=2, dtype=torch.float16), rtol=1e-2)
+    # |a|^2 summed over a level exceeds float16's 65504: the constant stays finite
+    loss_fn = AKDLoss(base="mse", num_avatars=4, avatar_kernel="fused", uncertainty="none")
+    teacher = torch.full((2, 16, 32, 32), 20.0, dtype=torch.float16)
+    student = torch.zeros_like(teacher, requires_grad=True)
+    assert math.isfinite(loss_fn(student, teacher).item())
+
+
+# ------------------------------------------------------------------------- nothing K-fold
+def _buffers(code: str):
+    for match in re.finditer(r"empty_strided_cpu\(\(([^)]*)\)", code):
+        yield [int(x) for x in match.group(1).split(",") if x.strip()]
+
+
+@pytest.mark.parametrize("name", ["statistics", "cwd", "mse", "maskd"])
+def test_compiled_passes_store_no_avatar(name):
+    """The generated code allocates nothing near the size of the K Avatars: each Avatar element
+    lives in registers, regenerated from the teacher and its mask in each pass."""
+    from torch._inductor.utils import run_and_get_code
+
+    n, c, h, w, k = 2, 32, 40, 10, 8
+    torch.manual_seed(0)
+    teacher = torch.randn(n, c, h, w)
+    keys = fused.avatar_keys(torch.tensor(5), k)
+    affines = [("mul", None, torch.rand(k, c) + 0.5)]
+    weights = torch.rand(k, n) + 0.5
+    arguments = {"statistics": (teacher, keys, 0.1, True, True, True),
+                 "cwd": (teacher, keys, 0.1, affines, weights, 1.0, 0.1),
+                 "mse": (teacher, keys, 0.1, affines, weights),
+                 "maskd": (teacher, keys, 0.1, affines, weights, ReceptiveTokens(c, 6), None)}[name]
+    compiled = torch.compile(fused.FUNCTIONS[name], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
+    with torch.no_grad():
+        result, codes = run_and_get_code(compiled, *arguments)
+        expected = fused.FUNCTIONS[name](*arguments)
+    for a, b in zip(torch.utils._pytree.tree_leaves(result), torch.utils._pytree.tree_leaves(expected)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    one_map = n * c * h * w
+    sizes = [math.prod(shape) for code in codes for shape in _buffers(code)]
+    assert sizes, "no buffers found: the generated code's form changed"
+    # K Avatars would be 8 maps. What grows with K is reduced: MasKD's token masks (K x N x T x H x W,
+    # K * T / C of a map: 1.5 here, 0.19 on 256-channel FPNs) and its window row sums (K * 3 / H)
+    assert max(sizes) <= 1.6 * one_map, sorted(sizes)[-3:]
+
+
+# ------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(base="fgd", avatar_kernel="compiled", channels=16), "not a weighted sum"),
+    (dict(base="cwd", avatar_kernel="compiled", avatar_rng="torch"), "needs avatar_rng='counter'"),
+    (dict(base="cwd", avatar_kernel="fused", perturbation="noise"), "dropout"),
+    (dict(base="cwd", avatar_rng="counter", perturbation="channel"), "dropout"),
+    (dict(base="cwd", avatar_kernel="triton"), "unknown avatar kernel"),
+    (dict(base="cwd", avatar_rng="philox"), "unknown avatar rng"),
+])
+def test_settings_the_passes_cannot_serve_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AKDLoss(**kwargs)
+
+
+def test_the_loop_with_torchs_generator_is_unchanged_by_default():
+    loss_fn = AKDLoss(base="cwd", num_avatars=2, uncertainty="none")
+    assert (loss_fn.avatar_kernel, loss_fn.avatar_rng) == ("loop", "torch")
+    teacher, student = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    torch.manual_seed(7)
+    value = loss_fn(student, teacher)
+    torch.manual_seed(7)
+    a, b = make_avatar(teacher), make_avatar(teacher)  # torch's dropout, drawn in the loop's order
+    base = loss_fn.base_losses[0]
+    expected = (base(student, a) + base(student, b)) / 2
+    assert torch.allclose(value, expected, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ akd train
+def test_akd_train_runs_the_compiled_passes(synth_root, teacher_checkpoint, tmp_path):
+    """A real run with the compiled passes: config, distiller, the paper's sigma, the log."""
+    import json
+
+    from conftest import TINY, run_akd
+
+    result = run_akd("train", "--preset", TINY, "--data-root", synth_root, "--work-dir", tmp_path, "--epochs", 1,
+                     "--batch-size", 4, "--cfg-options", "log_config.interval=1", "--no-validate",
+                     "--teacher-checkpoint", teacher_checkpoint, "--num-avatars", 2, "--uncertainty", "paper",
+                     "--avatar-kernel", "compiled", cwd=tmp_path)
+    assert "done: student checkpoint" in result.stdout
+    assert "avatar_kernel='compiled'" in (tmp_path / "config.py").read_text()
+    records = [json.loads(line) for path in tmp_path.glob("*.log.json")
+               for line in path.read_text().splitlines() if line.startswith("{")]
+    losses = [r["loss_akd_cwd_fpn"] for r in records if r.get("mode") == "train"]
+    assert losses and all(math.isfinite(v) and v > 0 for v in losses)
+    assert any(r.get("sigma_fpn_l0", 0) > 0 for r in records)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "fgd"], "not a weighted sum"),
+    (["--perturbation", "noise"], "dropout Avatars"),
+    (["--avatar-kernel", "triton"], "--avatar-kernel"),
+])
+def test_akd_refuses_what_the_compiled_passes_cannot_serve(args, message):
+    from conftest import refused
+
+    extra = [] if "--avatar-kernel" in args else ["--avatar-kernel", "compiled"]
+    assert message in refused("config", "--preset", "fcos-r101-r50", *extra, *args)
