@@ -8,6 +8,11 @@ one process, each measured by torch.cuda.max_memory_allocated over the same base
 
     python bench/core_losses.py [--device cpu|cuda] [--repeats 5] [--json out.json]
                                 [--uncertainty release|paper|none] [--bases cwd,mse] [--avatars 0,1,8]
+                                [--avatar-kernels loop,compiled]
+
+With several --avatar-kernels, each base loss gets one row per kernel, measured in the same run
+against the same plain loss (the kernels differ only with Avatars). The compiled kernel's first two
+steps (its compilation) are warm-up.
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str = "release") -> dict:
+def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str = "release",
+            kernel: str = "loop") -> dict:
     """One configuration, in this process."""
     import torch
 
@@ -49,7 +55,7 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
 
     torch.manual_seed(0)
     kwargs = {"channels": 256, "num_levels": len(SHAPES)} if BASE_LOSSES[base].needs_channels else {}
-    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=uncertainty, **kwargs).to(device)
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=uncertainty, avatar_kernel=kernel, **kwargs).to(device)
     student = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
     teacher = [torch.randn(s, device=device) for s in SHAPES]
     context = {}
@@ -68,6 +74,8 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
         torch.cuda.reset_peak_memory_stats()
     before = _peak_bytes(device) if device == "cuda" else _peak_bytes("cpu")
     step()  # the first step is also the warm-up
+    if kernel != "loop":
+        step()  # compilation may take two calls (a dynamic-shape recompile)
     if device == "cuda":
         torch.cuda.synchronize()
     peak = _peak_bytes(device) - before
@@ -78,7 +86,7 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"base": base, "avatars": avatars, "ms": 1000 * statistics.median(times) if times else None,
+    return {"base": base, "avatars": avatars, "kernel": kernel, "ms": 1000 * statistics.median(times) if times else None,
             "peak_mib": peak / 2 ** 20}
 
 
@@ -97,8 +105,10 @@ def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
     return dict(timed, peak_mib=run(["--repeats", "0"], dict(os.environ, **CPU_MEMORY_ENV))["peak_mib"])
 
 
-def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES, avatar_counts=AVATARS) -> list:
-    common = ["--uncertainty", uncertainty, "--bases", ",".join(bases), "--avatars", ",".join(map(str, avatar_counts))]
+def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES, avatar_counts=AVATARS,
+            kernels=("loop",)) -> list:
+    common = ["--uncertainty", uncertainty, "--bases", ",".join(bases), "--avatars", ",".join(map(str, avatar_counts)),
+              "--avatar-kernels", ",".join(kernels)]
     if device == "cuda":
         # max_memory_allocated counts live tensors only (not the caching allocator's reserve), and
         # measure() resets it, so on CUDA one process serves every configuration.
@@ -108,27 +118,39 @@ def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES
             raise SystemExit(out.stderr[-2000:])
         return json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
-    for base in bases:
-        for avatars in avatar_counts:
-            rows.append(_measure_in_subprocesses([__file__, "--one", base, str(avatars), "--device", device,
-                                                  *common], repeats, device))
-            print(f"  {base:>6} x{avatars}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
+    for base, avatars, kernel in _configurations(bases, avatar_counts, kernels):
+        rows.append(_measure_in_subprocesses([__file__, "--one", base, str(avatars), kernel, "--device", device,
+                                              *common], repeats, device))
+        print(f"  {base:>6} x{avatars} {kernel}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB",
+              file=sys.stderr)
     return rows
 
 
-def markdown(rows: list, bases=BASES, avatar_counts=AVATARS) -> str:
+def _configurations(bases, avatar_counts, kernels):
+    """(base, Avatars, kernel): the plain loss once per base, each Avatar count once per kernel."""
+    for base in bases:
+        for avatars in avatar_counts:
+            for kernel in (kernels[:1] if avatars == 0 else kernels):
+                yield base, avatars, kernel
+
+
+def markdown(rows: list, bases=BASES, avatar_counts=AVATARS, kernels=("loop",)) -> str:
     lines = ["| base loss | " + " | ".join(f"{k} Avatar{'s' if k > 1 else ''}" if k else "plain" for k in avatar_counts)
              + " |", "|---|" + "---|" * len(avatar_counts)]
     for base in bases:
         plain = next(r for r in rows if r["base"] == base and r["avatars"] == 0)
-        cells = []
-        for k in avatar_counts:
-            r = next(r for r in rows if r["base"] == base and r["avatars"] == k)
-            if k == 0:
-                cells.append(f"{r['ms']:.0f} ms, {r['peak_mib']:.0f} MiB")
-            else:
-                cells.append(f"x{r['ms'] / plain['ms']:.2f} time, x{r['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f} mem")
-        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+        for kernel in kernels:
+            cells = []
+            for k in avatar_counts:
+                r = next(r for r in rows if r["base"] == base and r["avatars"] == k
+                         and (k == 0 or r.get("kernel", "loop") == kernel))
+                if k == 0:
+                    cells.append(f"{r['ms']:.1f} ms, {r['peak_mib']:.0f} MiB")
+                else:
+                    cells.append(f"x{r['ms'] / plain['ms']:.2f} time, "
+                                 f"x{r['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f} mem")
+            label = base if len(kernels) == 1 else f"{base} ({kernel})"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -140,25 +162,28 @@ def main() -> None:
     parser.add_argument("--uncertainty", default="release", help="the factor: release, paper or none")
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated base losses")
     parser.add_argument("--avatars", default=",".join(map(str, AVATARS)), help="comma-separated counts; 0 first")
-    parser.add_argument("--one", nargs=2, metavar=("BASE", "AVATARS"), help=argparse.SUPPRESS)
+    parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled")
+    parser.add_argument("--one", nargs=3, metavar=("BASE", "AVATARS", "KERNEL"), help=argparse.SUPPRESS)
     parser.add_argument("--all-here", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     bases = tuple(args.bases.split(","))
     counts = tuple(int(k) for k in args.avatars.split(","))
+    kernels = tuple(args.avatar_kernels.split(","))
     if counts[0] != 0:
         raise SystemExit("--avatars must start with 0 (the plain loss every other count is compared with)")
     if args.all_here:
-        print(json.dumps([measure(base, avatars, args.device, args.repeats, args.uncertainty)
-                          for base in bases for avatars in counts]))
+        print(json.dumps([measure(base, avatars, args.device, args.repeats, args.uncertainty, kernel)
+                          for base, avatars, kernel in _configurations(bases, counts, kernels)]))
         return
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.repeats, args.uncertainty)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.repeats, args.uncertainty,
+                                 args.one[2])))
         return
-    rows = run_all(args.device, args.repeats, args.uncertainty, bases, counts)
+    rows = run_all(args.device, args.repeats, args.uncertainty, bases, counts, kernels)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
-    print(markdown(rows, bases, counts))
+    print(markdown(rows, bases, counts, kernels))
 
 
 if __name__ == "__main__":

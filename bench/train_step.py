@@ -3,6 +3,7 @@ and AKD with 1, 4 and 8 Avatars. Random weights and a random batch (the cost doe
 
     python bench/train_step.py                       # tiny preset, 128 px, batch 8, CPU
     python bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda
+    python bench/train_step.py ... --avatar-kernels loop,compiled    # both Avatar kernels, side by side
 
 Step times: all configurations built in one process and timed round-robin (drift of a shared
 machine then falls on all alike), medians after a warm-up step. Peak memory: a fresh process per
@@ -24,11 +25,17 @@ import time
 # free: peak RSS then follows the live tensors (CPU only; CUDA uses max_memory_allocated).
 CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
-CONFIGS = (("no distillation", "none", 0), ("base loss", None, 0), ("AKD, 1 Avatar", None, 1),
-           ("AKD, 4 Avatars", None, 4), ("AKD, 8 Avatars", None, 8))
+def configurations(kernels=("loop",)):
+    """(label, method, Avatars, kernel): the two plain configurations, then AKD per kernel."""
+    rows = [("no distillation", "none", 0, "loop"), ("base loss", None, 0, "loop")]
+    for kernel in kernels:
+        suffix = "" if len(kernels) == 1 else f" ({kernel})"
+        rows += [(f"AKD, {k} Avatar{'s' if k > 1 else ''}{suffix}", None, k, kernel) for k in (1, 4, 8)]
+    return rows
 
 
-def build_step(preset_name: str, method, avatars: int, width: int, height: int, batch: int, device: str):
+def build_step(preset_name: str, method, avatars: int, width: int, height: int, batch: int, device: str,
+               kernel: str = "loop"):
     """A closure running one optimizer step of the distilled student (random weights and batch)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from akd_cli.mm import compat
@@ -45,7 +52,8 @@ def build_step(preset_name: str, method, avatars: int, width: int, height: int, 
     torch.manual_seed(0)
     preset = load_preset(preset_name)
     cfg = build_config(preset, TrainOptions(preset=preset_name, method=method, num_avatars=avatars,
-                                            teacher_checkpoint="unused"))
+                                            teacher_checkpoint="unused",
+                                            avatar_kernel=None if kernel == "loop" else kernel))
     if cfg.model.get("options"):
         # MasKD's released tokens are a download; random tokens of the same shape cost the same.
         cfg.model.options.pop("token_file", None)
@@ -101,7 +109,8 @@ def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
     machine falls on all configurations alike."""
     times = {name: [] for name in steps}
     for step in steps.values():
-        step()  # warm-up
+        step()  # warm-up; twice, as a compiled kernel may compile again for dynamic shapes
+        step()
     for _ in range(rounds):
         for name, step in steps.items():
             for _ in range(per_round):
@@ -111,11 +120,11 @@ def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
-def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int) -> list:
+def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int, kernels=("loop",)) -> list:
     """Times: all configurations in one process, interleaved. Peak memory: one fresh process each
     (on CPU with CPU_MEMORY_ENV; see bench/README.md)."""
     common = [__file__, "--preset", preset, "--size", size, "--batch", str(batch), "--device", device,
-              "--warmup", str(warmup)]
+              "--warmup", str(warmup), "--avatar-kernels", ",".join(kernels)]
     out = subprocess.run([sys.executable, *common, "--repeats", str(repeats), "--time-all"],
                          capture_output=True, text=True)
     if out.returncode != 0:
@@ -123,8 +132,8 @@ def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeat
     times = json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
     env = dict(os.environ, **(CPU_MEMORY_ENV if device == "cpu" else {}))
-    for label, method, avatars in CONFIGS:
-        out = subprocess.run([sys.executable, *common, "--memory", method or "preset", str(avatars)],
+    for label, method, avatars, kernel in configurations(kernels):
+        out = subprocess.run([sys.executable, *common, "--memory", method or "preset", str(avatars), kernel],
                              capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(out.stderr[-2000:])
@@ -150,23 +159,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--json")
-    parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled")
+    parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--time-all", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    kernels = tuple(args.avatar_kernels.split(","))
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.size == "1333x800":
         width, height = 1344, 800  # what mmdet pads 1333x800 to (size_divisor 32)
     if args.memory:
         method = None if args.memory[0] == "preset" else args.memory[0]
-        step = build_step(args.preset, method, int(args.memory[1]), width, height, args.batch, args.device)
+        step = build_step(args.preset, method, int(args.memory[1]), width, height, args.batch, args.device,
+                          args.memory[2])
         print(json.dumps(peak_memory(step, args.device, args.warmup)))
         return
     if args.time_all:
-        steps = {label: build_step(args.preset, method, avatars, width, height, args.batch, args.device)
-                 for label, method, avatars in CONFIGS}
+        steps = {label: build_step(args.preset, method, avatars, width, height, args.batch, args.device, kernel)
+                 for label, method, avatars, kernel in configurations(kernels)}
         print(json.dumps(interleaved_times(steps, rounds=max(args.repeats // 2, 1), per_round=2)))
         return
-    rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats)
+    rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats, kernels)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

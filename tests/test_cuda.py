@@ -132,3 +132,54 @@ def test_one_nccl_worker_trains_and_evaluates_through_mmdets_distributed_path(sy
     assert report["classes_per_result"] == [6] * 8
     # one step from random weights may detect nothing, and then mmdet reports no mAP
     assert (report["detections"] == 0) == (report["bbox_mAP"] is None)
+
+
+# The fused Avatar passes as Triton kernels (inductor on CUDA): the loop's values and gradients
+# (tests/test_fused.py checks them through inductor's CPU backend), and no K-fold memory.
+@pytest.mark.parametrize("base,uncertainty", [("cwd", "paper"), ("mse", "release"), ("maskd", "release"),
+                                              ("cwd", "release"), ("pkd", "paper")])
+def test_compiled_avatar_passes_equal_the_loop_on_cuda(base, uncertainty):
+    shapes = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 7, 11)]
+    options = dict(channels=256, num_levels=len(shapes)) if base in ("mgd", "maskd") else {}
+    results = {}
+    for kernel in ("loop", "compiled"):
+        torch.manual_seed(0)
+        loss_fn = AKDLoss(base=base, num_avatars=8, uncertainty=uncertainty, avatar_kernel=kernel,
+                          avatar_rng="counter", **options).cuda()
+        g = torch.Generator(device="cuda").manual_seed(1)
+        students = [torch.randn(s, device="cuda", generator=g).requires_grad_() for s in shapes]
+        teachers = [torch.randn(s, device="cuda", generator=g) + 0.5 for s in shapes]
+        values, grads = [], []
+        for step in range(2):
+            torch.manual_seed(10 + step)
+            loss = loss_fn(students, teachers)
+            loss.backward()
+            values.append(loss.item())
+            grads.append([s.grad.clone() for s in students])
+            for s in students:
+                s.grad = None
+        results[kernel] = values, grads
+    (v1, g1), (v2, g2) = results["loop"], results["compiled"]
+    for a, b in zip(v1, v2):
+        assert abs(a - b) <= 1e-5 * abs(a), (v1, v2)
+    for step1, step2 in zip(g1, g2):
+        for a, b in zip(step1, step2):
+            assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+
+
+def test_compiled_avatar_passes_memory_does_not_grow_with_avatars_on_cuda():
+    shape = (2, 256, 100, 168)
+    map_bytes = math.prod(shape) * 4
+    peaks = {}
+    for avatars in (1, 8):
+        loss_fn = AKDLoss(base="cwd", num_avatars=avatars, uncertainty="paper", avatar_kernel="compiled").cuda()
+        student = torch.randn(shape, device="cuda", requires_grad=True)
+        teacher = torch.randn(shape, device="cuda")
+        loss_fn(student, teacher).backward()  # compiles
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss_fn(student, teacher).backward()
+        torch.cuda.synchronize()
+        peaks[avatars] = torch.cuda.max_memory_allocated() - before
+    assert peaks[8] <= peaks[1] + 0.1 * map_bytes, peaks

@@ -8,9 +8,12 @@ in-kernel random numbers differ from eager mode's. This generator is integer ari
 eager mode, inductor's C++ code on the CPU and its Triton code on a GPU give the same bits.
 
 The element hash is lowbias32 (C. Wellons, "Hash function prospector", 2018) of the index and a
-seed key; each Avatar then xors its own key and multiplies by its own odd number (see keep_mask). Values are uint32 held in int64, and every product stays below 2^63 (the second multiplier
-is split into 16-bit halves), so no backend meets signed overflow. The keep test compares the top
-24 bits with round(p * 2^24): the dropout rate is quantised to 2^-24 (0.1 becomes 0.1000000238).
+seed key; each Avatar then xors its own key and multiplies by its own odd number (see keep_mask).
+Values are uint32 held in int64, and every product stays below 2^63 (lowbias32's second
+multiplier is split into 16-bit halves), so no backend meets signed overflow. The keep test
+compares the top 24 bits with round(p * 2^24): the dropout rate is quantised to 2^-24 (0.1 becomes
+0.1000000238). Masks drawn so are not torch's: a run with avatar_rng="counter" draws other (equally
+distributed) Avatars than one with torch's dropout, as two seeds do.
 """
 from __future__ import annotations
 
