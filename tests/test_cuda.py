@@ -139,32 +139,12 @@ def test_one_nccl_worker_trains_and_evaluates_through_mmdets_distributed_path(sy
 @pytest.mark.parametrize("base,uncertainty", [("cwd", "paper"), ("mse", "release"), ("maskd", "release"),
                                               ("cwd", "release"), ("pkd", "paper")])
 def test_compiled_avatar_passes_equal_the_loop_on_cuda(base, uncertainty):
+    from test_fused import _assert_same, _steps
+
     shapes = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 7, 11)]
-    options = dict(channels=256, num_levels=len(shapes)) if base in ("mgd", "maskd") else {}
-    results = {}
-    for kernel in ("loop", "compiled"):
-        torch.manual_seed(0)
-        loss_fn = AKDLoss(base=base, num_avatars=8, uncertainty=uncertainty, avatar_kernel=kernel,
-                          avatar_rng="counter", **options).cuda()
-        g = torch.Generator(device="cuda").manual_seed(1)
-        students = [torch.randn(s, device="cuda", generator=g).requires_grad_() for s in shapes]
-        teachers = [torch.randn(s, device="cuda", generator=g) + 0.5 for s in shapes]
-        values, grads = [], []
-        for step in range(2):
-            torch.manual_seed(10 + step)
-            loss = loss_fn(students, teachers)
-            loss.backward()
-            values.append(loss.item())
-            grads.append([s.grad.clone() for s in students])
-            for s in students:
-                s.grad = None
-        results[kernel] = values, grads
-    (v1, g1), (v2, g2) = results["loop"], results["compiled"]
-    for a, b in zip(v1, v2):
-        assert abs(a - b) <= 1e-5 * abs(a), (v1, v2)
-    for step1, step2 in zip(g1, g2):
-        for a, b in zip(step1, step2):
-            assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+    run = dict(steps=2, drop_rate=0.1, shapes=shapes, device="cuda")
+    _assert_same(_steps("loop", base, uncertainty, "mean", 8, **run),
+                 _steps("compiled", base, uncertainty, "mean", 8, **run))
 
 
 def test_compiled_avatar_passes_memory_does_not_grow_with_avatars_on_cuda():

@@ -22,21 +22,23 @@ SHAPES = [(2, 16, 12, 10), (2, 16, 6, 5)]
 RTOL = 1e-5
 
 
-def _options(base):
-    options = dict(channels=16, num_levels=len(SHAPES)) if base in ("mgd", "maskd") else {}
+def _options(base, shapes):
+    options = dict(channels=shapes[0][1], num_levels=len(shapes)) if base in ("mgd", "maskd") else {}
     if base == "maskd":
         options["student_masks_after"] = 1  # the second step on uses the student's masks too
     return options
 
 
-def _steps(kernel, base, uncertainty, weighting, avatars, steps=3, dtype=torch.float32, drop_rate=0.3):
-    """Loss values, student gradients and running sigma of a few training steps."""
+def _steps(kernel, base, uncertainty, weighting, avatars, steps=3, dtype=torch.float32, drop_rate=0.3,
+           shapes=SHAPES, device="cpu"):
+    """Loss values, student gradients and running sigma of a few training steps (test_cuda.py's
+    twin runs it on the GPU)."""
     torch.manual_seed(0)
-    loss_fn = AKDLoss(base=base, num_avatars=avatars, drop_rate=drop_rate, uncertainty=uncertainty,
-                      weighting=weighting, avatar_kernel=kernel, avatar_rng="counter", **_options(base))
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, drop_rate=drop_rate, uncertainty=uncertainty, weighting=weighting,
+                      avatar_kernel=kernel, avatar_rng="counter", **_options(base, shapes)).to(device)
     generator = torch.Generator().manual_seed(1)
-    students = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in SHAPES]
-    teachers = [(torch.randn(s, generator=generator) + 0.5).to(dtype) for s in SHAPES]
+    students = [torch.randn(s, generator=generator).to(device, dtype).requires_grad_() for s in shapes]
+    teachers = [(torch.randn(s, generator=generator) + 0.5).to(device, dtype) for s in shapes]
     values, grads = [], []
     for step in range(steps):
         torch.manual_seed(10 + step)
@@ -46,7 +48,7 @@ def _steps(kernel, base, uncertainty, weighting, avatars, steps=3, dtype=torch.f
         grads.append([s.grad.clone() for s in students])
         for s in students:
             s.grad = None
-    sigma = [loss_fn.running_sigma(i) for i in range(len(SHAPES))]
+    sigma = [loss_fn.running_sigma(i) for i in range(len(shapes))]
     return values, grads, sigma
 
 
