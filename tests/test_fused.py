@@ -231,3 +231,21 @@ def test_akd_refuses_what_the_compiled_passes_cannot_serve(args, message):
 
     extra = [] if "--avatar-kernel" in args else ["--avatar-kernel", "compiled"]
     assert message in refused("config", "--preset", "fcos-r101-r50", *extra, *args)
+
+
+def test_a_broken_compiler_is_one_line_naming_the_way_out():
+    from torch._inductor import config
+
+    from akd_cli.mm.checks import friendly_message
+
+    fused._compiled.clear()  # compile afresh, with a C++ compiler that does not exist
+    loss_fn = AKDLoss(base="mse", num_avatars=2, avatar_kernel="compiled", uncertainty="none")
+    try:
+        with config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}), \
+                pytest.raises(Exception) as failure:
+            loss_fn(torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(2, 4, 6, 6))
+    finally:
+        fused._compiled.clear()
+        torch._dynamo.reset()
+    message = friendly_message(failure.value)
+    assert message and "--avatar-kernel loop" in message and "\n" not in message

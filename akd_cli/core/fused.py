@@ -149,5 +149,9 @@ def function(name: str, compiled: bool):
     if not compiled:
         return FUNCTIONS[name]
     if name not in _compiled:
-        _compiled[name] = torch.compile(FUNCTIONS[name], dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
+        from torch._inductor import config
+
+        # a torch without one of these settings refuses the whole dict: keep what it knows
+        options = {key: value for key, value in COMPILE_OPTIONS.items() if hasattr(config, key)}
+        _compiled[name] = torch.compile(FUNCTIONS[name], dynamic=True, fullgraph=True, options=options)
     return _compiled[name]

@@ -18,4 +18,18 @@ def friendly_message(exc: BaseException) -> Optional[str]:
 
     if isinstance(exc, (UserError, CheckpointLoadError, CheckpointMismatch, FileNotFoundError, FloatingPointError)):
         return str(exc)
+    if _compile_failure(exc):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (f"torch.compile could not build the compiled Avatar passes ({first[:200]}); "
+                "run with --avatar-kernel loop")
     return None
+
+
+def _compile_failure(exc: BaseException) -> bool:
+    """torch.compile's own failures (no C++ compiler, no Triton for this GPU, ...): the user can
+    act on them by choosing the loop."""
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed
+    except ImportError:
+        return False
+    return isinstance(exc, BackendCompilerFailed) or type(exc).__name__ in ("InductorError", "InvalidCxxCompiler")
