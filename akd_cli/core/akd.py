@@ -192,7 +192,7 @@ class AKDLoss(nn.Module):
         k, p = self.num_avatars, self.drop_rate
         n, c, h, w = teacher.shape
         standardised = self.uncertainty == "release" and base.release_standardises_avatar
-        pearson = getattr(base, "normalises_teacher", False)
+        pearson = base.normalises_teacher
         student = base.align_student(student)
         with torch.no_grad(), float32_reductions(teacher):
             keys = fused_passes.avatar_keys(seed, k)
@@ -216,17 +216,16 @@ class AKDLoss(nn.Module):
             student = standardise(student)
         prepared = base.prepare_student(student, **context)
         with torch.no_grad(), float32_reductions(teacher):
-            if self.base_name == "cwd":
-                phi_bar, constant = fused_passes.function("cwd", compiled)(
-                    teacher, keys, p, affines, weights, base.tau, base._scale(teacher))
-            elif self.base_name == "maskd":
+            terms = fused_passes.function(base.teacher_pass, compiled)
+            if base.teacher_pass == "cwd":
+                phi_bar, constant = terms(teacher, keys, p, affines, weights, base.tau, base._scale(teacher))
+            elif base.teacher_pass == "maskd":
                 student_masks = (base.tokens.masks(prepared.detach().float()).float()
                                  if base._with_student_masks else None)
-                phi_bar, constant = fused_passes.function("maskd", compiled)(
-                    teacher, keys, p, affines, weights, base.tokens, student_masks)
+                phi_bar, constant = terms(teacher, keys, p, affines, weights, base.tokens, student_masks)
             else:
-                phi_bar, constant = fused_passes.function("mse", compiled)(teacher, keys, p, affines, weights)
-        if self.base_name != "maskd":  # the dtype the loop's accumulator is cast back to
+                phi_bar, constant = terms(teacher, keys, p, affines, weights)
+        if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
             phi_bar = phi_bar.to(teacher.dtype)
         return base.fused(prepared, phi_bar, constant, **context).sum()
 

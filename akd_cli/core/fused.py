@@ -32,10 +32,11 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from akd_cli.core import counter_rng
+from akd_cli.core.losses import BASE_LOSSES
 
 _LOG2_E = 1.4426950408889634
-# Base losses with a fused teacher side here; the others (FGD) keep the loop.
-FUSED_BASES = ("cwd", "mse", "mgd", "pkd", "maskd")
+# Base losses with a fused teacher side here (their ``teacher_pass``); the others (FGD) keep the loop.
+FUSED_BASES = tuple(name for name, loss in BASE_LOSSES.items() if loss.teacher_pass)
 
 
 def avatar_keys(seed: torch.Tensor, num_avatars: int):

@@ -40,6 +40,10 @@ class BaseLoss(nn.Module):
     needs_level = False  # built with level=i (its per-level state comes from a file)
     # The release's factor standardises the Avatar for MGD and MasKD, not for CWD (see uncertainty).
     release_standardises_avatar = True
+    # Which of akd_cli.core.fused's passes computes this loss's teacher term for all Avatars at once
+    # (None: the Avatars are looped), and whether it normalises the teacher itself (PKD).
+    teacher_pass: Optional[str] = None
+    normalises_teacher = False
 
     def align_student(self, student: torch.Tensor) -> torch.Tensor:
         """The loss's own map of the student into the teacher's space (MasKD's align conv), applied
@@ -78,6 +82,7 @@ class CWDLoss(BaseLoss):
 
     fusable = True
     release_standardises_avatar = False  # Gumpest/AvatarKD:mmrazor/models/losses/akd_cwd.py uses the raw Avatar
+    teacher_pass = "cwd"
 
     def __init__(self, tau: float = 1.0, loss_weight: float = 10.0):
         super().__init__()
@@ -114,6 +119,7 @@ class MSELoss(BaseLoss):
     plus a constant (the Avatars' spread, computed in float64)."""
 
     fusable = True
+    teacher_pass = "mse"  # MGD and PKD too: their teacher side is MSE's
 
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
@@ -216,6 +222,7 @@ class MasKDLoss(BaseLoss):
     fusable = True
     needs_channels = True
     needs_level = True
+    teacher_pass = "maskd"
 
     def __init__(self, channels: int, num_tokens: int = 6, loss_weight: float = 10.0, token_file: Optional[str] = None,
                  weight_tokens: bool = True, student_masks_after: Optional[int] = None, align: bool = False,
