@@ -40,7 +40,8 @@ FUSED_BASES = tuple(name for name, loss in BASE_LOSSES.items() if loss.teacher_p
 
 
 def avatar_keys(seed: torch.Tensor, num_avatars: int):
-    """The Avatars' keys (``counter_rng.avatar_keys``), computed before the passes and given to them."""
+    """The Avatars' keys (``counter_rng.avatar_keys``), computed before the passes and given to them
+    (compiled, one small kernel instead of some sixty launches of a few elements each)."""
     return counter_rng.avatar_keys(seed, torch.arange(num_avatars, device=seed.device, dtype=torch.int64))
 
 
@@ -140,7 +141,7 @@ def maskd_terms(teacher, keys, drop_rate: float, affines, weights, tokens,
 # tensor, and none of these expressions fans out deeply enough for inlining to grow exponentially.
 COMPILE_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 32, "realize_reads_threshold": 16}
 
-FUNCTIONS = {"statistics": statistics, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
+FUNCTIONS = {"keys": avatar_keys, "statistics": statistics, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
 _compiled: Dict[str, object] = {}
 
 

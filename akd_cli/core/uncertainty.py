@@ -135,11 +135,10 @@ def inverse_sigma(sigma2: torch.Tensor) -> torch.Tensor:
 
 
 def update_running(running: torch.Tensor, batch: torch.Tensor, steps: torch.Tensor, momentum: float) -> torch.Tensor:
-    """running <- (1 - m) running + m batch, in place; the first step takes the batch value."""
-    if int(steps) == 0:
-        running.copy_(batch)
-    else:
-        running.mul_(1.0 - momentum).add_(batch, alpha=momentum)
+    """running <- (1 - m) running + m batch, in place; the first step takes the batch value. Chosen
+    on the device (no int(steps)): reading the counter would wait for the GPU at every level of
+    every step. The same operations as in place, so the values are bit for bit those of before."""
+    running.copy_(torch.where(steps == 0, batch, running.mul(1.0 - momentum).add(batch, alpha=momentum)))
     steps += 1
     return running
 
