@@ -80,10 +80,9 @@ class AKDLoss(nn.Module):
             if avatar_rng != "counter":
                 raise ValueError(f"avatar_kernel={avatar_kernel!r} regenerates each dropout mask in every pass: "
                                  "it needs avatar_rng='counter'")
-            if base not in fused_passes.FUSED_BASES:
-                raise ValueError(f"{base}'s teacher side is not a weighted sum of the Avatars' terms: "
-                                 f"avatar_kernel={avatar_kernel!r} serves {', '.join(fused_passes.FUSED_BASES)}; "
-                                 "use avatar_kernel='loop'")
+            problem = fused_passes.unserved(base, perturbation)
+            if problem:
+                raise ValueError(f"avatar_kernel={avatar_kernel!r}: {problem}")
         if avatar_rng == "counter" and perturbation != "dropout":
             raise ValueError(f"the counter-based generator (avatar_kernel {avatar_kernel!r}, avatar_rng 'counter') "
                              f"draws dropout Avatars, not {perturbation!r}")

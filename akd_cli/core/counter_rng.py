@@ -62,7 +62,7 @@ def keep_mask(shape, keys, drop_rate: float) -> torch.Tensor:
     """
     seed_key, key, mult = keys
     numel = 1
-    for size in shape:
+    for size in shape:  # a plain loop: torch.compile traces it (not a generator into math.prod)
         numel *= int(size)
     counter = torch.arange(numel, device=key.device, dtype=torch.int64).view(*shape) & _M32
     lead = (...,) + (None,) * len(shape)

@@ -39,6 +39,17 @@ _LOG2_E = 1.4426950408889634
 FUSED_BASES = tuple(name for name, loss in BASE_LOSSES.items() if loss.teacher_pass)
 
 
+def unserved(base: str, perturbation: str) -> Optional[str]:
+    """Why these passes cannot compute a setting's Avatars (None when they can): the one check
+    behind AKDLoss's refusal and akd's before-anything-runs one."""
+    if base not in FUSED_BASES:
+        return (f"{base}'s teacher side is not a weighted sum of its Avatars' terms; the passes serve "
+                f"{', '.join(FUSED_BASES)} (use loop)")
+    if perturbation != "dropout":
+        return f"the passes draw dropout Avatars (the paper's), not {perturbation} (use loop)"
+    return None
+
+
 def avatar_keys(seed: torch.Tensor, num_avatars: int):
     """The Avatars' keys (``counter_rng.avatar_keys``), computed before the passes and given to them
     (compiled, one small kernel instead of some sixty launches of a few elements each)."""
@@ -136,9 +147,9 @@ def maskd_terms(teacher, keys, drop_rate: float, affines, weights, tokens,
 
 # Inductor stores ("realises") a pointwise expression of more than 30 operations (50 on the CPU),
 # or with more than 8 (12) buffer reads, even when it has a single consumer, and one with more than
-# 4 reads that has two consumers. The Avatar expression,
-# dropout and factor included, is about 20 operations: inlining it is cheaper than storing a K-fold
-# tensor, and none of these expressions fans out deeply enough for inlining to grow exponentially.
+# 4 reads that has two consumers. The Avatar expression, dropout and factor included, is about 20
+# operations: inlining it is cheaper than storing a K-fold tensor, and none of these expressions
+# fans out deeply enough for inlining to grow exponentially.
 COMPILE_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 32, "realize_reads_threshold": 16}
 
 FUNCTIONS = {"keys": avatar_keys, "statistics": statistics, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}

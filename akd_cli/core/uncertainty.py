@@ -95,9 +95,7 @@ class AvatarWeigher:
         return shift.var(dim=-1, unbiased=False)
 
     def __call__(self, avatar: torch.Tensor) -> torch.Tensor:
-        if self.ones is not None:
-            return self.ones
-        return 1.0 / (self.uncertainty(avatar) + _WEIGHT_EPS)
+        return self.from_channel_means(avatar.float().flatten(2).mean(dim=2)[None])[0]
 
     def from_channel_means(self, means: torch.Tensor) -> torch.Tensor:
         """The weights of K Avatars at once from their channel means (K x N x C): K x N."""

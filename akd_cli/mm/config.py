@@ -464,18 +464,13 @@ AVATAR_OPTIONS = ("num_avatars", "drop_rate", "uncertainty", "weighting", "pertu
 def check_avatar_kernel(model: Dict[str, Any]) -> None:
     """The compiled Avatar passes serve dropout Avatars of the fusable base losses: other settings
     are refused before anything runs (AKDLoss would refuse them in every worker)."""
-    from akd_cli.core.fused import FUSED_BASES
+    from akd_cli.core.fused import unserved
 
     avatars = model.get("avatars") or {}
-    if avatars.get("avatar_kernel", "loop") == "loop":
-        return
-    method, perturbation = model.get("method"), avatars.get("perturbation", "dropout")
-    if method not in FUSED_BASES:
-        raise UserError(f"--avatar-kernel {avatars['avatar_kernel']}: {method}'s teacher side is not a weighted "
-                        f"sum of its Avatars' terms; the compiled passes serve {', '.join(FUSED_BASES)} (use loop)")
-    if perturbation != "dropout":
-        raise UserError(f"--avatar-kernel {avatars['avatar_kernel']}: the compiled passes draw dropout Avatars "
-                        f"(the paper's), not {perturbation} (use loop)")
+    kernel = avatars.get("avatar_kernel", "loop")
+    problem = None if kernel == "loop" else unserved(model.get("method"), avatars.get("perturbation", "dropout"))
+    if problem:
+        raise UserError(f"--avatar-kernel {kernel}: {problem}")
 
 
 def set_epochs(cfg: Dict[str, Any], epochs: int, *, keep_steps: bool = False) -> str:
