@@ -112,10 +112,11 @@ def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES
     if device == "cuda":
         # max_memory_allocated counts live tensors only (not the caching allocator's reserve), and
         # measure() resets it, so on CUDA one process serves every configuration.
+        # its stderr passes through: each row as it is measured, or the error that stopped it
         out = subprocess.run([sys.executable, __file__, "--all-here", "--device", device, "--repeats", str(repeats),
-                              *common], capture_output=True, text=True)
+                              *common], stdout=subprocess.PIPE, text=True)
         if out.returncode != 0:
-            raise SystemExit(out.stderr[-2000:])
+            raise SystemExit(f"the measuring process exited {out.returncode} (its error is above)")
         return json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
     for base, avatars, kernel in _configurations(bases, avatar_counts, kernels):
@@ -172,8 +173,12 @@ def main() -> None:
     if counts[0] != 0:
         raise SystemExit("--avatars must start with 0 (the plain loss every other count is compared with)")
     if args.all_here:
-        print(json.dumps([measure(base, avatars, args.device, args.repeats, args.uncertainty, kernel)
-                          for base, avatars, kernel in _configurations(bases, counts, kernels)]))
+        rows = []
+        for base, avatars, kernel in _configurations(bases, counts, kernels):
+            rows.append(measure(base, avatars, args.device, args.repeats, args.uncertainty, kernel))
+            # progress on stderr: a run cut short by a time limit still says what it measured
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        print(json.dumps(rows))
         return
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.repeats, args.uncertainty,

@@ -1,56 +1,85 @@
 #!/usr/bin/env bash
 # The whole GPU check of the fused Avatar passes (issue 15) in one call, on a CUDA machine without
-# internet: correctness first (the compiled passes against the loop, values and gradients, and
-# memory flat in the number of Avatars), then the goals' figures side by side in the same process
+# internet: correctness first (the compiled passes against the loop on CUDA, values and gradients,
+# and memory flat in the number of Avatars), then the goals' figures side by side in the same process
 # per benchmark (loop and compiled against the same plain loss and the same base-loss step).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # default: $OUT, else bench/gpu-out
+#   PARTS="tests core profile train" FACTORS="paper release" bash bench/gpu_check.sh
 #
 # The core needs torch alone (with Triton, which CUDA builds of torch ship): no install. The
-# training step needs mmcv-full with CUDA ops and mmdet: where they do not import, the script
-# installs them offline with scripts/install.sh from wheels in $AKD_WHEELS (default: wheels/, e.g.
-# a carried folder holding mmcv_full-*.whl built for that torch and mmdet's wheel and its pure
-# Python dependencies), else reports the training step as skipped.
+# training step needs mmcv-full with CUDA ops and mmdet: where they do not import, the wheels in
+# $AKD_WHEELS (default: .whl/, a carried folder holding mmcv_full-*.whl built for that torch, mmdet's
+# wheel and the pure-Python ones they need that the machine lacks) are unpacked into a private
+# folder on PYTHONPATH, with no resolver and no network; else the step is reported as skipped.
+#
+# Files (at most seven, so that a device tool returning eight brings all back): log.txt (machine,
+# each part's exit and tables), tests.txt, core_<factor>.json, train_step.json, profile.txt,
+# errors.txt (every part's stderr). Each part has a time limit so that the later ones still run.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/gpu-out}}
 PY=${PYTHON:-python3}
-WHEELS=${AKD_WHEELS:-wheels}
+WHEELS=${AKD_WHEELS:-.whl}
+PARTS=${PARTS:-tests core train}
+FACTORS=${FACTORS:-paper release}
 mkdir -p "$OUT_DIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT_DIR/log.txt"
+ERR="$OUT_DIR/errors.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+say() { echo "$*" | tee -a "$LOG"; }
+part_start() { START=$(date +%s); say "== $1  ($(date -u +%H:%M:%S))"; echo "== $1" >> "$ERR"; }
+part_end() { say "-- exit $1 after $(( $(date +%s) - START )) s"; }
 
 {
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} > "$OUT_DIR/machine.txt" 2>&1
-cat "$OUT_DIR/machine.txt"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')  date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  echo "$(nproc) cores; $($PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1)"
+} | tee "$LOG"
+: > "$ERR"
 
-echo "== correctness: tests/test_fused.py (CPU inductor) and the CUDA twins"
-$PY -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_cuda.py \
-    -k "not akd_train and not akd_refuses and (fused or compiled or counter or seeds or float16 or refused or loop)" \
-    > "$OUT_DIR/tests.txt" 2>&1
-echo "tests exit $?: $(tail -1 "$OUT_DIR/tests.txt")"
-
-echo "== core: CWD, MSE, MasKD with 0, 1 and 8 Avatars, loop and compiled"
-for factor in paper release; do
-  $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" --bases cwd,mse,maskd \
-      --avatars 0,1,8 --avatar-kernels loop,compiled --json "$OUT_DIR/core_$factor.json" \
-      > "$OUT_DIR/core_$factor.md" 2> "$OUT_DIR/core_$factor.err"
-  echo "core ($factor factor), exit $?:"; cat "$OUT_DIR/core_$factor.md"
-done
-
-echo "== training step: fcos-r101-r50, 1333x800, batch 2"
-if ! $PY -c "import mmcv.ops, mmdet" 2>/dev/null && [ -d "$WHEELS" ]; then
-  PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELS" AKD_WHEEL_CACHE="$WHEELS" PYTHON="$PY" \
-      bash scripts/install.sh > "$OUT_DIR/install.txt" 2>&1 || echo "install failed: see install.txt"
+if ! $PY -c "import mmcv.ops, mmdet" 2>/dev/null && ls "$WHEELS"/mmcv_full-*.whl >/dev/null 2>&1; then
+  SITE=$(mktemp -d /tmp/akd-site.XXXX)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl >> "$ERR" 2>&1 \
+    && export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
-if $PY -c "import mmcv.ops, mmdet" 2>/dev/null || [ -x .venv/bin/python ]; then
-  TRAIN_PY=$PY
-  $PY -c "import mmcv.ops, mmdet" 2>/dev/null || TRAIN_PY=.venv/bin/python
-  $TRAIN_PY bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda --repeats 20 \
-      --avatar-kernels loop,compiled --json "$OUT_DIR/train_step.json" > "$OUT_DIR/train_step.md" 2> "$OUT_DIR/train_step.err"
-  echo "train step, exit $?:"; cat "$OUT_DIR/train_step.md"
-else
-  echo "skipped: mmcv-full (CUDA ops) and mmdet are not installed and no wheels in $WHEELS" | tee "$OUT_DIR/train_step.md"
+if $PY -c "import mmcv.ops, mmdet" 2>> "$ERR"; then MM=1; say "mmcv-full and mmdet: $($PY -c 'import mmcv, mmdet; from mmcv.ops import get_compiling_cuda_version as v; print(mmcv.__version__, "ops cuda", v(), mmdet.__version__)' 2>&1)"; else MM=0; say "mmcv-full and mmdet: not importable"; fi
+
+if has tests; then
+  part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
+  timeout "${TESTS_LIMIT:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+      -k "avatar_passes or base_losses_on_the_gpu$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')" \
+      > "$OUT_DIR/tests.txt" 2>&1
+  rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
+fi
+
+if has core; then
+  for factor in $FACTORS; do
+    part_start "core ($factor factor): CWD, MSE, MasKD with 0, 1 and 8 Avatars, loop and compiled"
+    timeout "${CORE_LIMIT:-200}" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
+        --bases cwd,mse,maskd --avatars 0,1,8 --avatar-kernels loop,compiled --json "$OUT_DIR/core_$factor.json" \
+        2>> "$ERR" | tee -a "$LOG"
+    part_end "${PIPESTATUS[0]}"
+  done
+fi
+
+if has profile; then
+  part_start "profile: CWD, paper factor (Avatars:kernel = ${PROFILES:-0:loop 8:loop 8:compiled})"
+  for run in ${PROFILES:-0:loop 8:loop 8:compiled}; do   # Avatars:kernel
+    timeout "${PROFILE_LIMIT:-90}" $PY bench/profile_core.py --base cwd --uncertainty paper \
+        --avatars "${run%%:*}" --avatar-kernel "${run##*:}" >> "$OUT_DIR/profile.txt" 2>> "$ERR"
+  done
+  part_end $?
+fi
+
+if has train; then
+  part_start "training step: fcos-r101-r50, 1333x800, batch 2, loop and compiled"
+  if [ $MM = 1 ]; then
+    timeout "${TRAIN_LIMIT:-300}" $PY bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda \
+        --repeats 20 --avatar-kernels loop,compiled --json "$OUT_DIR/train_step.json" 2>> "$ERR" | tee -a "$LOG"
+    part_end "${PIPESTATUS[0]}"
+  else
+    say "skipped: mmcv-full (CUDA ops) and mmdet do not import, and no mmcv_full wheel in $WHEELS"
+  fi
 fi

@@ -6,9 +6,10 @@ and AKD with 1, 4 and 8 Avatars. Random weights and a random batch (the cost doe
     python bench/train_step.py ... --avatar-kernels loop,compiled    # both Avatar kernels, side by side
 
 Step times: all configurations built in one process and timed round-robin (drift of a shared
-machine then falls on all alike), medians after a warm-up step. Peak memory: a fresh process per
-configuration (CPU: growth of peak RSS once model and batch exist, with CPU_MEMORY_ENV; CUDA:
-max_memory_allocated).
+machine then falls on all alike), medians after a warm-up step. Peak memory: on the CPU a fresh
+process per configuration (growth of peak RSS once model and batch exist, with CPU_MEMORY_ENV); on
+CUDA in the same process (each configuration's resident tensors plus the max_memory_allocated of
+one step over what was allocated before it: cuda_peaks).
 """
 from __future__ import annotations
 
@@ -81,7 +82,36 @@ def build_step(preset_name: str, method, avatars: int, width: int, height: int, 
         if device == "cuda":
             torch.cuda.synchronize()
 
+    step.resident = lambda: _resident_bytes(model, optimizer, img, boxes, labels)
     return step
+
+
+def _resident_bytes(model, optimizer, *batch) -> int:
+    """Bytes a configuration keeps between steps: weights, buffers, optimizer state and the batch."""
+    import torch
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    for item in batch:
+        tensors += item if isinstance(item, list) else [item]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cuda_peaks(steps: dict) -> dict:
+    """MiB of each configuration's peak on CUDA, measured in the process that holds them all: its
+    resident tensors plus what one step allocates on top (max_memory_allocated after a reset counts
+    live tensors only, so the other configurations' resident tensors cancel out). This is what a
+    process of its own would reach, less the CUDA context, without building every model again."""
+    import torch
+
+    peaks = {}
+    for name, step in steps.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        peaks[name] = (step.resident() + torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    return peaks
 
 
 def peak_memory(step, device: str, warmup: int) -> float:
@@ -121,15 +151,22 @@ def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
 
 
 def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int, kernels=("loop",)) -> list:
-    """Times: all configurations in one process, interleaved. Peak memory: one fresh process each
-    (on CPU with CPU_MEMORY_ENV; see bench/README.md)."""
+    """Times: all configurations in one process, interleaved. Peak memory: on CUDA in that process
+    (cuda_peaks), on the CPU one fresh process each (with CPU_MEMORY_ENV; see bench/README.md)."""
     common = [__file__, "--preset", preset, "--size", size, "--batch", str(batch), "--device", device,
               "--warmup", str(warmup), "--avatar-kernels", ",".join(kernels)]
     out = subprocess.run([sys.executable, *common, "--repeats", str(repeats), "--time-all"],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-2000:])
-    times = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    times = measured["times"]
+    if device == "cuda":
+        rows = [{"label": label, "ms": times[label], "peak_mib": measured["peaks"][label]}
+                for label, *_ in configurations(kernels)]
+        for row in rows:
+            print(f"  {row['label']:>16}: {row['ms']:8.1f} ms  {row['peak_mib']:8.1f} MiB", file=sys.stderr)
+        return rows
     rows = []
     env = dict(os.environ, **(CPU_MEMORY_ENV if device == "cpu" else {}))
     for label, method, avatars, kernel in configurations(kernels):
@@ -176,7 +213,8 @@ def main() -> None:
     if args.time_all:
         steps = {label: build_step(args.preset, method, avatars, width, height, args.batch, args.device, kernel)
                  for label, method, avatars, kernel in configurations(kernels)}
-        print(json.dumps(interleaved_times(steps, rounds=max(args.repeats // 2, 1), per_round=2)))
+        times = interleaved_times(steps, rounds=max(args.repeats // 2, 1), per_round=2)
+        print(json.dumps({"times": times, "peaks": cuda_peaks(steps) if args.device == "cuda" else None}))
         return
     rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats, kernels)
     if args.json:

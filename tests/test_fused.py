@@ -89,7 +89,7 @@ def test_counter_masks_are_a_function_of_seed_avatar_and_position():
     assert torch.equal(first, again)
     assert not torch.equal(first, make_avatar(teacher, seed=seed, index=2))
     assert not torch.equal(first, make_avatar(teacher, seed=seed + 1, index=3))
-    everything = fused.raw_avatars(teacher, fused.avatar_keys(seed, 5), 0.1)
+    everything = fused.raw_avatars(teacher, counter_rng.avatar_keys(seed, fused.avatar_indices(5, seed.device)), 0.1)
     assert torch.equal(everything[3], first), "the fused passes and the loop draw the same Avatar"
     kept = first != 0
     assert torch.allclose(first[kept], teacher[kept] / 0.9)
@@ -153,7 +153,7 @@ def test_compiled_passes_store_no_avatar(name):
     n, c, h, w, k = 2, 32, 40, 10, 8
     torch.manual_seed(0)
     teacher = torch.randn(n, c, h, w)
-    keys = fused.avatar_keys(torch.tensor(5), k)
+    keys = counter_rng.avatar_keys(torch.tensor(5), torch.arange(k))
     affines = [("mul", None, torch.rand(k, c) + 0.5)]
     weights = torch.rand(k, n) + 0.5
     arguments = {"statistics": (teacher, keys, 0.1, True, True, True),

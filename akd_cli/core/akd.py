@@ -194,7 +194,7 @@ class AKDLoss(nn.Module):
         pearson = base.normalises_teacher
         student = base.align_student(student)
         with torch.no_grad(), float32_reductions(teacher):
-            keys = fused_passes.function("keys", compiled)(seed, k)
+            keys = fused_passes.function("keys", compiled)(seed, fused_passes.avatar_indices(k, seed.device))
             wanted = dict(sigma=self.uncertainty == "paper", per_avatar_channel=standardised or pearson,
                           per_image_channel=self.weighting == "inverse_variance")
             stats = fused_passes.function("statistics", compiled)(teacher, keys, p, **wanted) \

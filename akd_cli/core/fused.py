@@ -50,10 +50,20 @@ def unserved(base: str, perturbation: str) -> Optional[str]:
     return None
 
 
-def avatar_keys(seed: torch.Tensor, num_avatars: int):
-    """The Avatars' keys (``counter_rng.avatar_keys``), computed before the passes and given to them
-    (compiled, one small kernel instead of some sixty launches of a few elements each)."""
-    return counter_rng.avatar_keys(seed, torch.arange(num_avatars, device=seed.device, dtype=torch.int64))
+_indices: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+
+
+def avatar_indices(num_avatars: int, device: torch.device) -> torch.Tensor:
+    """0 .. K-1 (int64) on ``device``, made once, for the keys pass (``counter_rng.avatar_keys``,
+    compiled: one small kernel instead of some sixty launches of a few elements each). The indices
+    come in as a tensor rather than an arange inside the pass because inductor turns arithmetic on
+    an arange into an index expression, which Triton evaluates in int32 for small sizes: the hash's
+    constants above 2^31 then fail to compile (torch 2.11, Triton 3.6, on an H100: "Scalar
+    2654435769 is out of range for type int32"). Loaded from memory, they are int64 values."""
+    key = (num_avatars, device)
+    if key not in _indices:
+        _indices[key] = torch.arange(num_avatars, device=device, dtype=torch.int64)
+    return _indices[key]
 
 
 def raw_avatars(teacher: torch.Tensor, keys, drop_rate: float) -> torch.Tensor:
@@ -152,7 +162,7 @@ def maskd_terms(teacher, keys, drop_rate: float, affines, weights, tokens,
 # fans out deeply enough for inlining to grow exponentially.
 COMPILE_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 32, "realize_reads_threshold": 16}
 
-FUNCTIONS = {"keys": avatar_keys, "statistics": statistics, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
+FUNCTIONS = {"keys": counter_rng.avatar_keys, "statistics": statistics, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
 _compiled: Dict[str, object] = {}
 
 
