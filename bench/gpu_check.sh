@@ -5,7 +5,7 @@
 # per benchmark (loop and compiled against the same plain loss and the same base-loss step).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # default: $OUT, else bench/gpu-out
-#   PARTS="tests core profile train" FACTORS="paper release" bash bench/gpu_check.sh
+#   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
 #
 # The core needs torch alone (with Triton, which CUDA builds of torch ship): no install. The
 # training step needs mmcv-full with CUDA ops and mmdet: where they do not import, the wheels in
@@ -27,13 +27,12 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/log.txt"
 ERR="$OUT_DIR/errors.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-has() { [[ " $PARTS " == *" $1 "* ]]; }
 say() { echo "$*" | tee -a "$LOG"; }
 part_start() { START=$(date +%s); say "== $1  ($(date -u +%H:%M:%S))"; echo "== $1" >> "$ERR"; }
 part_end() { say "-- exit $1 after $(( $(date +%s) - START )) s"; }
 
 {
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')  date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "commit: ${AKD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')}  date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   echo "$(nproc) cores; $($PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1)"
 } | tee "$LOG"
@@ -46,15 +45,15 @@ if ! $PY -c "import mmcv.ops, mmdet" 2>/dev/null && ls "$WHEELS"/mmcv_full-*.whl
 fi
 if $PY -c "import mmcv.ops, mmdet" 2>> "$ERR"; then MM=1; say "mmcv-full and mmdet: $($PY -c 'import mmcv, mmdet; from mmcv.ops import get_compiling_cuda_version as v; print(mmcv.__version__, "ops cuda", v(), mmdet.__version__)' 2>&1)"; else MM=0; say "mmcv-full and mmdet: not importable"; fi
 
-if has tests; then
+part_tests() {
   part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
   timeout "${TESTS_LIMIT:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
       -k "avatar_passes or base_losses_on_the_gpu$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')" \
       > "$OUT_DIR/tests.txt" 2>&1
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
-fi
+}
 
-if has core; then
+part_core() {
   for factor in $FACTORS; do
     part_start "core ($factor factor): CWD, MSE, MasKD with 0, 1 and 8 Avatars, loop and compiled"
     timeout "${CORE_LIMIT:-200}" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
@@ -62,18 +61,18 @@ if has core; then
         2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
   done
-fi
+}
 
-if has profile; then
+part_profile() {
   part_start "profile: CWD, paper factor (Avatars:kernel = ${PROFILES:-0:loop 8:loop 8:compiled})"
   for run in ${PROFILES:-0:loop 8:loop 8:compiled}; do   # Avatars:kernel
     timeout "${PROFILE_LIMIT:-90}" $PY bench/profile_core.py --base cwd --uncertainty paper \
         --avatars "${run%%:*}" --avatar-kernel "${run##*:}" >> "$OUT_DIR/profile.txt" 2>> "$ERR"
   done
   part_end $?
-fi
+}
 
-if has train; then
+part_train() {
   part_start "training step: fcos-r101-r50, 1333x800, batch 2, loop and compiled"
   if [ $MM = 1 ]; then
     timeout "${TRAIN_LIMIT:-300}" $PY bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda \
@@ -82,4 +81,11 @@ if has train; then
   else
     say "skipped: mmcv-full (CUDA ops) and mmdet do not import, and no mmcv_full wheel in $WHEELS"
   fi
-fi
+}
+
+for part in $PARTS; do
+  case $part in
+    tests|core|profile|train) "part_$part" ;;
+    *) say "unknown part $part (tests, core, profile, train)" ;;
+  esac
+done

@@ -135,6 +135,27 @@ def test_maskd_student_masks_join_after_the_warm_up():
     assert before[0] == before[1] and after != pytest.approx(before[0]) and int(loss.calls) == 3
 
 
+@pytest.mark.parametrize("loader", ["torch", "mmcv"])
+def test_maskd_warm_up_count_survives_a_loaded_state(loader):
+    """The count is read on the host once, then kept there: a loaded state (a resumed run) must
+    replace it, or a resumed run would start its warm-up over."""
+    trained = MasKDLoss(channels=2, num_tokens=2, weight_tokens=False, student_masks_after=2)
+    student, teacher = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    for _ in range(3):
+        trained(student, teacher)
+    resumed = MasKDLoss(channels=2, num_tokens=2, weight_tokens=False, student_masks_after=2)
+    first = resumed(student, teacher).item()          # the count is now on the host: 1
+    if loader == "torch":
+        resumed.load_state_dict(trained.state_dict())  # 3 calls made: the next one uses student masks
+    else:
+        pytest.importorskip("mmcv")
+        from mmcv.runner.checkpoint import load_state_dict
+
+        load_state_dict(resumed, trained.state_dict(), strict=True)   # what mmcv's resume calls
+    assert resumed(student, teacher).item() == pytest.approx(trained(student, teacher).item())
+    assert resumed(student, teacher).item() != pytest.approx(first) and int(resumed.calls) == 5
+
+
 @pytest.mark.parametrize("student_masks_after", [None, 0])
 def test_maskd_avatars_fused_through_position_weights_equal_the_loop(student_masks_after):
     """MasKD's masks depend on each Avatar, yet per position its loss is a weighted squared error:

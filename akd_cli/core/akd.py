@@ -263,7 +263,9 @@ class AKDLoss(nn.Module):
         positions: all ranks' sums together, then the running estimate."""
         n, c, h, w = teacher.shape
         with torch.no_grad():
-            count = torch.tensor(float(self.num_avatars * n * h * w), device=teacher.device)
+            # torch.full fills on the device; torch.tensor would copy from the host, and a blocking
+            # copy to a GPU waits for all queued work (a host sync per level per step).
+            count = torch.full((), float(self.num_avatars * n * h * w), device=teacher.device)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(total)
                 torch.distributed.all_reduce(count)
@@ -272,7 +274,7 @@ class AKDLoss(nn.Module):
             if self.training:
                 sigma2 = update_running(running, batch, steps, self.sigma_momentum)
             else:
-                sigma2 = running if int(steps) > 0 else batch
+                sigma2 = torch.where(steps > 0, running, batch)  # no host sync to read the counter
             return inverse_sigma(sigma2)
 
     def _validate(self, student: Features, teacher: Features):

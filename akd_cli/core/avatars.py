@@ -35,7 +35,8 @@ def make_avatar(teacher: torch.Tensor, perturbation: str = "dropout", drop_rate:
     if seed is not None:
         if perturbation != "dropout":
             raise ValueError(f"the counter-based generator draws dropout Avatars, not {perturbation!r}")
-        keys = counter_rng.avatar_keys(seed, torch.tensor(index, device=teacher.device))
+        # filled on the device: torch.tensor would be a blocking host-to-GPU copy, i.e. a sync
+        keys = counter_rng.avatar_keys(seed, torch.full((), index, device=teacher.device, dtype=torch.int64))
         keep = counter_rng.keep_mask(teacher.shape, keys, drop_rate)
         return counter_rng.dropout(teacher, keep, drop_rate)
     if perturbation == "dropout":

@@ -244,15 +244,26 @@ class MasKDLoss(BaseLoss):
         self.align = nn.Conv2d(channels, channels, 1) if align else None
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self._with_student_masks = False
+        # The buffer's value on the host: reading the buffer itself on a GPU waits for all queued
+        # work, once per level per step. Read once, then counted alongside; a loaded state (a
+        # resumed run) makes it read again.
+        self._calls_on_host: Optional[int] = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # the hook both torch's load_state_dict and mmcv's own checkpoint loader call per module
+        super()._load_from_state_dict(*args, **kwargs)
+        self._calls_on_host = None
 
     def align_student(self, student):
         return self.align(student) if self.align is not None else student
 
     def prepare_student(self, student, **context):
+        if self._calls_on_host is None:
+            self._calls_on_host = int(self.calls)
         self.calls += 1
-        # Read once per call, not once per Avatar: each read of the counter waits for the GPU.
+        self._calls_on_host += 1
         self._with_student_masks = (self.student_masks_after is not None
-                                    and int(self.calls) > self.student_masks_after)
+                                    and self._calls_on_host > self.student_masks_after)
         return student
 
     def _masks_and_weights(self, prepared, teacher):
