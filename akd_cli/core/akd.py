@@ -133,7 +133,7 @@ class AKDLoss(nn.Module):
         if self.num_avatars == 0:
             return base(student, teacher, **context)
         seed = draw_seed(teacher.device) if self.avatar_rng == "counter" and self.drop_rate > 0.0 else None
-        if self.avatar_kernel != "loop" and seed is not None:
+        if self.avatar_kernel != "loop" and seed is not None and self.num_avatars > 1:
             return self._fused_level_loss(level, base, student, teacher, seed, **context)
         student = base.align_student(student)
         scale = None
@@ -181,7 +181,18 @@ class AKDLoss(nn.Module):
 
     def _avatar(self, teacher: torch.Tensor, seed: Optional[torch.Tensor], index: int) -> torch.Tensor:
         """Avatar ``index`` of this step: from torch's generator (``seed`` None: each call draws the
-        next one), or from the counter-based stream of ``seed``."""
+        next one), or from the counter-based stream of ``seed``.
+
+        With a compiled kernel this serves one Avatar only (the passes take two or more): the
+        passes' statistics, affines and K-reduction would cost more than they save, so the Avatar
+        is drawn by one compiled kernel, stored (as the loop's one Avatar is), and the level goes
+        the loop's way. On an H100 the passes made one Avatar cost +14% of a training step against
+        the loop's +2.4% (fcos-r101-r50, bench/RESULTS.md)."""
+        if seed is not None and self.avatar_kernel != "loop":
+            compiled = self.avatar_kernel == "compiled"
+            indices = fused_passes.avatar_indices(self.num_avatars, teacher.device)[index:index + 1]
+            keys = fused_passes.function("keys", compiled)(seed, indices)
+            return fused_passes.function("avatar", compiled)(teacher, keys, self.drop_rate)
         return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
 
     def _fused_level_loss(self, level: int, base, student: torch.Tensor, teacher: torch.Tensor,

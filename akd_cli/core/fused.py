@@ -22,6 +22,9 @@ only the order of the sums over Avatars differs. Under float16 autocast the feat
 float16; these passes compute in float32 throughout (the loop path computes each Avatar in the
 feature's dtype), so the two agree to float16's precision, and no sum can overflow.
 
+These passes serve two Avatars or more. One Avatar goes the loop's way (AKDLoss._avatar): it is
+drawn by ``one_avatar`` compiled, then stored, as the loop stores its one Avatar.
+
 Run eagerly (``avatar_kernel="fused"``) the same functions materialise all K Avatars: that mode
 exists to check the compiled one against, not to be used.
 """
@@ -64,6 +67,12 @@ def avatar_indices(num_avatars: int, device: torch.device) -> torch.Tensor:
     if key not in _indices:
         _indices[key] = torch.arange(num_avatars, device=device, dtype=torch.int64)
     return _indices[key]
+
+
+def one_avatar(teacher: torch.Tensor, keys, drop_rate: float) -> torch.Tensor:
+    """The Avatar of one key (``keys`` of one Avatar), in the teacher's dtype: the operations of
+    ``make_avatar``'s counter branch, so the loop's reference draws the same values."""
+    return counter_rng.dropout(teacher, counter_rng.keep_mask(teacher.shape, keys, drop_rate)[0], drop_rate)
 
 
 def raw_avatars(teacher: torch.Tensor, keys, drop_rate: float) -> torch.Tensor:
@@ -162,7 +171,8 @@ def maskd_terms(teacher, keys, drop_rate: float, affines, weights, tokens,
 # fans out deeply enough for inlining to grow exponentially.
 COMPILE_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 32, "realize_reads_threshold": 16}
 
-FUNCTIONS = {"keys": counter_rng.avatar_keys, "statistics": statistics, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
+FUNCTIONS = {"keys": counter_rng.avatar_keys, "avatar": one_avatar, "statistics": statistics,
+             "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
 _compiled: Dict[str, object] = {}
 
 
