@@ -147,7 +147,8 @@ def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
                 start = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}, \
+        {name: [1000 * q for q in statistics.quantiles(values, n=4)[::2]] for name, values in times.items()}
 
 
 def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int, kernels=("loop",)) -> list:
@@ -160,9 +161,9 @@ def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeat
     if out.returncode != 0:
         raise SystemExit(out.stderr[-2000:])
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    times = measured["times"]
+    times, quartiles = measured["times"], measured["quartiles"]
     if device == "cuda":
-        rows = [{"label": label, "ms": times[label], "peak_mib": measured["peaks"][label]}
+        rows = [{"label": label, "ms": times[label], "ms_quartiles": quartiles[label], "peak_mib": measured["peaks"][label]}
                 for label, *_ in configurations(kernels)]
         for row in rows:
             print(f"  {row['label']:>16}: {row['ms']:8.1f} ms  {row['peak_mib']:8.1f} MiB", file=sys.stderr)
@@ -174,15 +175,18 @@ def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeat
                              capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(out.stderr[-2000:])
-        rows.append({"label": label, "ms": times[label], "peak_mib": json.loads(out.stdout.strip().splitlines()[-1])})
+        rows.append({"label": label, "ms": times[label], "ms_quartiles": quartiles[label],
+                     "peak_mib": json.loads(out.stdout.strip().splitlines()[-1])})
         print(f"  {label:>16}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows
 
 def markdown(rows: list) -> str:
     base = next(r for r in rows if r["label"] == "base loss")
-    lines = ["| configuration | step time | vs base loss | peak memory | vs base loss |", "|---|---|---|---|---|"]
+    lines = ["| configuration | step time (quartiles) | vs base loss | peak memory | vs base loss |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['ms']:.0f} ms | {100 * (r['ms'] / base['ms'] - 1):+.1f}% | "
+        spread = f" ({r['ms_quartiles'][0]:.0f}-{r['ms_quartiles'][1]:.0f})" if r.get("ms_quartiles") else ""
+        lines.append(f"| {r['label']} | {r['ms']:.0f} ms{spread} | {100 * (r['ms'] / base['ms'] - 1):+.1f}% | "
                      f"{r['peak_mib']:.0f} MiB | {100 * (r['peak_mib'] / max(base['peak_mib'], 1e-9) - 1):+.1f}% |")
     return "\n".join(lines)
 
@@ -213,8 +217,9 @@ def main() -> None:
     if args.time_all:
         steps = {label: build_step(args.preset, method, avatars, width, height, args.batch, args.device, kernel)
                  for label, method, avatars, kernel in configurations(kernels)}
-        times = interleaved_times(steps, rounds=max(args.repeats // 2, 1), per_round=2)
-        print(json.dumps({"times": times, "peaks": cuda_peaks(steps) if args.device == "cuda" else None}))
+        times, quartiles = interleaved_times(steps, rounds=max(args.repeats // 2, 1), per_round=2)
+        print(json.dumps({"times": times, "quartiles": quartiles,
+                          "peaks": cuda_peaks(steps) if args.device == "cuda" else None}))
         return
     rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats, kernels)
     if args.json:
