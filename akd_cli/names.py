@@ -24,6 +24,9 @@ AVATAR_KERNELS = ("loop", "compiled", "fused")
 AVATAR_KERNELS_CLI = ("loop", "compiled")
 # Where dropout masks come from: torch's generator, or the counter-based one the fused passes need.
 AVATAR_RNGS = ("torch", "counter")
+# The TrainOptions fields that set a distillation's Avatars (`--num-avatars`, ...): a run without a
+# distillation has none to set.
+AVATAR_OPTIONS = ("num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation", "avatar_kernel")
 # Where the workers run: "auto" is CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cuda", "cpu")
 # Who starts the workers: akd itself (torch.distributed, one process per GPU) or Slurm's srun.

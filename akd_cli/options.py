@@ -109,6 +109,11 @@ class TrainOptions:
         if self.kind == "tokens" and (self.token_file or self.epochs):
             raise UserError("--learn-tokens makes tokens (--iters sets its length); "
                             "--token-file and --epochs are for training")
+        avatar_flags = [f"--{name.replace('_', '-')}" for name in names.AVATAR_OPTIONS if getattr(self, name) is not None]
+        if avatar_flags and (self.kind != "student" or self.method == "none"):
+            run = {"teacher": "trains the teacher alone", "tokens": "learns MasKD's tokens on the teacher"}.get(
+                self.kind, "trains the student without distillation (--method none)")
+            raise UserError(f"{', '.join(avatar_flags)}: this run {run}, so it has no Avatars to set")
         if self.iters and self.kind != "tokens":
             raise UserError("--iters sets the length of --learn-tokens; training runs use --epochs")
 

@@ -51,6 +51,10 @@ def test_every_layer_takes_its_names_from_one_list():
     (lambda: TrainOptions(preset=TINY, num_avatars=-1), r"--num-avatars must be in \[0, 64\]"),
     (lambda: TrainOptions(preset=TINY, drop_rate=1.0), r"--drop-rate must be in \[0.0, 1.0\)"),
     (lambda: TrainOptions(preset=TINY, kind="tokens", epochs=3), "--learn-tokens makes tokens"),
+    (lambda: TrainOptions(preset=TINY, method="none", num_avatars=4),
+     r"--num-avatars: this run trains the student without distillation \(--method none\), so it has no Avatars"),
+    (lambda: TrainOptions(preset=TINY, kind="teacher", uncertainty="paper", avatar_kernel="compiled"),
+     "--uncertainty, --avatar-kernel: this run trains the teacher alone"),
     (lambda: EvalOptions(checkpoint="c.pth", role="student"), "--role must be one of"),
     (lambda: EvalOptions(checkpoint="c.pth", launch=LaunchPlan(launcher="slurm")), "akd eval starts its own workers"),
 ])

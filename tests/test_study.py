@@ -74,6 +74,12 @@ def test_a_grid_key_that_is_no_option_is_refused_before_anything(tmp_path):
                                                          "--grid", "num_avatars=1,100")
     assert "--baseline 'nope'" in refused("study", "--preset", TINY, "--out", tmp_path / "s", "--variant", "a",
                                           "--baseline", "nope")
+    # a baseline crossed with an Avatar grid would train the same baseline under several labels
+    message = refused("study", "--preset", TINY, "--out", tmp_path / "s", "--variant", "baseline:method=none",
+                      "--variant", "akd", "--grid", "num_avatars=1,4")
+    assert "configuration 'baseline,num_avatars=1': --num-avatars: this run trains the student without" in message
+    assert "no Avatars to set" in refused("train", "--preset", TINY, "--method", "none", "--num-avatars", "4",
+                                          "--work-dir", tmp_path / "w")
     assert not (tmp_path / "s").exists()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from akd_cli.errors import UserError
+from akd_cli.names import AVATAR_OPTIONS
 from akd_cli.mm.data import size_heads, use_dataset
 from akd_cli.options import TrainOptions
 from akd_cli.presets import OPTIMIZER_PARTS, ModelSpec, Preset
@@ -458,7 +459,6 @@ SHAPING_OPTIONS = {"method": "--method", "num_avatars": "--num-avatars", "drop_r
                    "avatar_kernel": "--avatar-kernel",
                    "teacher_checkpoint": "--teacher-checkpoint", "token_file": "--token-file",
                    "data_root": "--data-root", "batch_size": "--batch-size"}
-AVATAR_OPTIONS = ("num_avatars", "drop_rate", "uncertainty", "weighting", "perturbation", "avatar_kernel")
 
 
 def check_avatar_kernel(model: Dict[str, Any]) -> None:

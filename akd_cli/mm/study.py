@@ -148,7 +148,10 @@ class StudySpec:
             raise UserError(f"--baseline {self.baseline!r} is none of the configurations"
                             + (f" (did you mean {close[0]!r}?)" if close else f": {', '.join(labels)}"))
         for config in configs:  # every option value checked as `akd train` checks it
-            self.train_options(config, self.seeds[0], "x")
+            try:
+                self.train_options(config, self.seeds[0], "x")
+            except UserError as error:
+                raise UserError(f"configuration {config.label!r}: {error}") from None
 
     def configurations(self) -> List[Configuration]:
         return configurations(self.variants, self.grid)
