@@ -10,7 +10,8 @@
 # The core needs torch alone (with Triton, which CUDA builds of torch ship): no install. The
 # training step needs mmcv-full with CUDA ops and mmdet: where they do not import, the wheels in
 # $AKD_WHEELS (default: .whl/, a carried folder holding mmcv_full-*.whl built for that torch, mmdet's
-# wheel and the pure-Python ones they need that the machine lacks) are unpacked into a private
+# wheel and the pure-Python ones they need that the machine lacks: bench/gpu_wheels.sh makes it) are
+# unpacked into a private
 # folder on PYTHONPATH, with no resolver and no network; else the step is reported as skipped.
 #
 # Files (at most seven, so that a device tool returning eight brings all back): log.txt (machine,
