@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from akd_cli.errors import UserError
-from akd_cli.names import AVATAR_OPTIONS
 from akd_cli.mm.data import size_heads, use_dataset
+from akd_cli.names import AVATAR_OPTIONS
 from akd_cli.options import TrainOptions
 from akd_cli.presets import OPTIMIZER_PARTS, ModelSpec, Preset
 
