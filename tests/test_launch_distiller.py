@@ -109,7 +109,7 @@ def test_impossible_plans_are_refused_when_made(kwargs, message):
     TrainOptions(config="my.py", num_avatars=4, drop_rate=0.2, uncertainty="paper", weighting="inverse_variance",
                  perturbation="noise", seed=7,
                  deterministic=True, resume=True, amp=True, validate=False, verbose=True, trust_checkpoint=True,
-                 cfg_options={"optimizer.lr": 0.1, "data.samples_per_gpu": 2}, kind="teacher",
+                 cfg_options={"optimizer.lr": 0.1, "data.samples_per_gpu": 2}, method="mse",
                  launch=LaunchPlan(nproc_per_node=2, nnodes=3, node_rank=1, master_addr="10.0.0.2", master_port=29999,
                                    device="cpu", launcher="slurm", partition="gpu")),
     TrainOptions(preset=TINY, kind="tokens", iters=5),
