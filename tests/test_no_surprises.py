@@ -97,8 +97,11 @@ def test_resume_with_epochs_extends_the_run(synth_root, tmp_path):
     assert "already trained 2 epochs" in refused(*base, "--resume", "--epochs", 1, cwd=tmp_path)
     # options equal to what the run has change nothing, so they are not refused (a study resumes so)
     run_akd(*base, "--resume", "--epochs", 2, "--batch-size", 8, "--data-root", synth_root, cwd=tmp_path)
-    message = refused(*base, "--resume", "--drop-rate", 0.3, "--batch-size", 4, cwd=tmp_path)
-    assert "--drop-rate, --batch-size would make it another run" in message
+    message = refused(*base, "--resume", "--data-root", tmp_path, "--batch-size", 4, cwd=tmp_path)
+    assert "--data-root, --batch-size would make it another run" in message
+    # a teacher run has no Avatars: their options are refused as such, resumed or not
+    assert "--drop-rate: this run trains the teacher alone" in refused(*base, "--resume", "--drop-rate", 0.3,
+                                                                        cwd=tmp_path)
 
 
 # --- one line for bad input -------------------------------------------------------------------------
