@@ -52,7 +52,9 @@ def build_step(preset_name: str, method, avatars: int, width: int, height: int, 
 
     torch.manual_seed(0)
     preset = load_preset(preset_name)
-    cfg = build_config(preset, TrainOptions(preset=preset_name, method=method, num_avatars=avatars,
+    # the baseline has no Avatars to set (TrainOptions refuses the option there)
+    cfg = build_config(preset, TrainOptions(preset=preset_name, method=method,
+                                            num_avatars=None if method == "none" else avatars,
                                             teacher_checkpoint="unused",
                                             avatar_kernel=None if kernel == "loop" else kernel))
     if cfg.model.get("options"):
@@ -114,20 +116,14 @@ def cuda_peaks(steps: dict) -> dict:
     return peaks
 
 
-def peak_memory(step, device: str, warmup: int) -> float:
-    """MiB that the first steps add to the process's peak (RSS on CPU, allocated on CUDA)."""
+def peak_memory(step, warmup: int) -> float:
+    """MiB that the first steps add to the process's peak RSS (the CPU's measure; CUDA's is
+    cuda_peaks)."""
     import resource
 
-    import torch
-
     def peak():
-        if device == "cuda":
-            return torch.cuda.max_memory_allocated()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     before = peak()
     for _ in range(max(warmup, 1)):
         step()
@@ -162,23 +158,23 @@ def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeat
         raise SystemExit(out.stderr[-2000:])
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     times, quartiles = measured["times"], measured["quartiles"]
-    if device == "cuda":
-        rows = [{"label": label, "ms": times[label], "ms_quartiles": quartiles[label], "peak_mib": measured["peaks"][label]}
-                for label, *_ in configurations(kernels)]
-        for row in rows:
-            print(f"  {row['label']:>16}: {row['ms']:8.1f} ms  {row['peak_mib']:8.1f} MiB", file=sys.stderr)
-        return rows
     rows = []
-    env = dict(os.environ, **(CPU_MEMORY_ENV if device == "cpu" else {}))
     for label, method, avatars, kernel in configurations(kernels):
-        out = subprocess.run([sys.executable, *common, "--memory", method or "preset", str(avatars), kernel],
-                             capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise SystemExit(out.stderr[-2000:])
-        rows.append({"label": label, "ms": times[label], "ms_quartiles": quartiles[label],
-                     "peak_mib": json.loads(out.stdout.strip().splitlines()[-1])})
+        peak = measured["peaks"][label] if device == "cuda" else _peak_in_fresh_process(common, method, avatars, kernel,
+                                                                                        device)
+        rows.append({"label": label, "ms": times[label], "ms_quartiles": quartiles[label], "peak_mib": peak})
         print(f"  {label:>16}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows
+
+
+def _peak_in_fresh_process(common: list, method, avatars: int, kernel: str, device: str) -> float:
+    env = dict(os.environ, **(CPU_MEMORY_ENV if device == "cpu" else {}))
+    out = subprocess.run([sys.executable, *common, "--memory", method or "preset", str(avatars), kernel],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 def markdown(rows: list) -> str:
     base = next(r for r in rows if r["label"] == "base loss")
@@ -212,7 +208,7 @@ def main() -> None:
         method = None if args.memory[0] == "preset" else args.memory[0]
         step = build_step(args.preset, method, int(args.memory[1]), width, height, args.batch, args.device,
                           args.memory[2])
-        print(json.dumps(peak_memory(step, args.device, args.warmup)))
+        print(json.dumps(peak_memory(step, args.warmup)))
         return
     if args.time_all:
         steps = {label: build_step(args.preset, method, avatars, width, height, args.batch, args.device, kernel)
