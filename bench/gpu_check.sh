@@ -24,6 +24,7 @@ PY=${PYTHON:-python3}
 WHEELS=${AKD_WHEELS:-.whl}
 PARTS=${PARTS:-tests core train}
 FACTORS=${FACTORS:-paper release}
+PROFILES=${PROFILES:-0:loop 8:loop 8:compiled}   # Avatars:kernel, CWD with the paper's factor
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/log.txt"
 ERR="$OUT_DIR/errors.txt"
@@ -65,8 +66,8 @@ part_core() {
 }
 
 part_profile() {
-  part_start "profile: CWD, paper factor (Avatars:kernel = ${PROFILES:-0:loop 8:loop 8:compiled})"
-  for run in ${PROFILES:-0:loop 8:loop 8:compiled}; do   # Avatars:kernel
+  part_start "profile: CWD, paper factor (Avatars:kernel = $PROFILES)"
+  for run in $PROFILES; do
     timeout "${PROFILE_LIMIT:-90}" $PY bench/profile_core.py --base cwd --uncertainty paper \
         --avatars "${run%%:*}" --avatar-kernel "${run##*:}" >> "$OUT_DIR/profile.txt" 2>> "$ERR"
   done

@@ -139,10 +139,7 @@ class AKDLoss(nn.Module):
         scale = None
         if self.uncertainty == "paper" and self.drop_rate > 0.0:
             scale = self._inverse_sigma(level, teacher, seed).to(student.dtype)
-            student = student * scale
-        elif self.uncertainty == "release":
-            student = standardise(student)
-        prepared = base.prepare_student(student, **context)
+        prepared = base.prepare_student(self._student_under_factor(student, scale), **context)
         if self.num_avatars == 1:
             # One Avatar needs no weighting pass and no accumulator: its loss is the base loss on it.
             avatar = self._as_seen(base, self._avatar(teacher, seed, 0), scale)
@@ -210,21 +207,18 @@ class AKDLoss(nn.Module):
                           per_image_channel=self.weighting == "inverse_variance")
             stats = fused_passes.function("statistics", compiled)(teacher, keys, p, **wanted) \
                 if any(wanted.values()) else {}
-            affines = []
+            affines, scale = [], None
             if self.uncertainty == "paper":
-                scale = self._sigma_from_total(level, teacher, stats["sigma_sum"]).to(student.dtype)
-                affines.append(("mul", None, scale.view(1, c).expand(k, c)))
+                inverse = self._sigma_from_total(level, teacher, stats["sigma_sum"]).to(student.dtype)
+                affines.append(("mul", None, inverse.view(1, c).expand(k, c)))
+                scale = inverse.view(1, c, 1, 1)
             elif standardised:
                 affines.append(("div", stats["mean"], torch.sqrt(stats["var"] + RELEASE_BN_EPS)))
             if pearson:
                 affines.append(_pearson_affine(stats["mean"], stats["var"], n * h * w, affines))
             weights = AvatarWeigher(teacher, self.weighting).from_channel_means(
                 stats["image_channel_mean"] if "image_channel_mean" in stats else teacher.new_zeros(k, n, 0))
-        if self.uncertainty == "paper":
-            student = student * scale.view(1, c, 1, 1)
-        elif self.uncertainty == "release":
-            student = standardise(student)
-        prepared = base.prepare_student(student, **context)
+        prepared = base.prepare_student(self._student_under_factor(student, scale), **context)
         with torch.no_grad(), float32_reductions(teacher):
             terms = fused_passes.function(base.teacher_pass, compiled)
             if base.teacher_pass == "cwd":
@@ -238,6 +232,15 @@ class AKDLoss(nn.Module):
         if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
             phi_bar = phi_bar.to(teacher.dtype)
         return base.fused(prepared, phi_bar, constant, **context).sum()
+
+    def _student_under_factor(self, student: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """The student as the base loss takes it under the factor (``scale``: the paper's 1 / sigma,
+        1 x C x 1 x 1, or None)."""
+        if scale is not None:
+            return student * scale
+        if self.uncertainty == "release":
+            return standardise(student)
+        return student
 
     def _as_seen(self, base, avatar: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """The Avatar as the base loss takes it under the factor."""
