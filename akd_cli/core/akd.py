@@ -1,6 +1,7 @@
 """AKDLoss: any base feature-distillation loss, taught by Avatars of the teacher."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -113,9 +114,25 @@ class AKDLoss(nn.Module):
         return torch.stack(self.per_level(student, teacher, **context)).sum()
 
     def per_level(self, student: Features, teacher: Features, **context) -> List[torch.Tensor]:
+        """The loss of each level. What the levels share (the counter generator's seeds and keys, the
+        passes' statistics, the paper's sigma with its one all-reduce) is settled first, for all
+        levels at once; then each level's loss.
+
+        Non-finite features raise a ValueError naming the level, after the levels' work is queued:
+        that check is the call's only read from the device, so on a GPU the host queues the loss
+        while the GPU still runs the forward passes before it (a read before the loss would wait
+        for them, and the loss's host work would then run with the GPU idle). The running sigma is
+        not updated from such a call."""
         students, teachers = self._validate(student, teacher)
-        return [self._level_loss(i, s, t.detach(), **context)
-                for i, (s, t) in enumerate(zip(students, teachers))]
+        teachers = [t.detach() for t in teachers]
+        finite = torch.stack([torch.isfinite(x).all() for x in students + teachers]).all()
+        if self.num_avatars == 0:
+            losses = [self._base_for(i)(s, t, **context) for i, (s, t) in enumerate(zip(students, teachers))]
+        else:
+            step = self._prepare_step(teachers, finite)
+            losses = [self._level_loss(i, s, t, step, **context) for i, (s, t) in enumerate(zip(students, teachers))]
+        _raise_if_not_finite(finite, students, teachers)
+        return losses
 
     def running_sigma(self, level: int) -> Optional[torch.Tensor]:
         """``paper``'s running sigma of a level (per channel), or None before its first step."""
@@ -128,88 +145,121 @@ class AKDLoss(nn.Module):
     def _base_for(self, level: int):
         return self.base_losses[level if len(self.base_losses) > 1 else 0]
 
-    def _level_loss(self, level: int, student: torch.Tensor, teacher: torch.Tensor, **context):
+    def _prepare_step(self, teachers: List[torch.Tensor], finite: torch.Tensor) -> "_Step":
+        """What this call's levels share, for all levels at once: one seed draw and one keys call for
+        the counter-based generator (not one per level), the passes' statistics, and the paper's
+        1 / sigma of every level from one all-reduce."""
+        k, device = self.num_avatars, teachers[0].device
+        step = _Step(len(teachers), device)
+        if self.drop_rate == 0.0:
+            return step  # every Avatar is the teacher: nothing to draw, no spread for the paper's sigma
+        if self.avatar_rng == "counter":
+            step.seeds = draw_seed(device, (len(teachers),))
+            if self.avatar_kernel != "loop":
+                compiled = self.avatar_kernel == "compiled"
+                # L x K keys in one call; level l's equal avatar_keys(seeds[l], 0 .. K-1), which the
+                # loop computes from seeds[l] itself
+                seed_key, key, mult = fused_passes.function("keys", compiled)(
+                    step.seeds[:, None], fused_passes.avatar_indices(k, device)[None])
+                step.keys = [(seed_key[level], key[level], mult[level]) for level in range(len(teachers))]
+                if k > 1:
+                    step.stats = [self._statistics(level, teacher, step.keys[level])
+                                  for level, teacher in enumerate(teachers)]
+        if self.uncertainty == "paper":
+            totals = ([stats["sigma_sum"] for stats in step.stats] if step.stats is not None
+                      else self._sigma_totals(teachers, step))
+            step.inverse = self._inverse_sigmas(teachers, totals, finite)
+        return step
+
+    def _level_loss(self, level: int, student: torch.Tensor, teacher: torch.Tensor, step: "_Step", **context):
         base = self._base_for(level)
-        if self.num_avatars == 0:
-            return base(student, teacher, **context)
-        seed = draw_seed(teacher.device) if self.avatar_rng == "counter" and self.drop_rate > 0.0 else None
-        if self.avatar_kernel != "loop" and seed is not None and self.num_avatars > 1:
-            return self._fused_level_loss(level, base, student, teacher, seed, **context)
+        if step.stats is not None:
+            return self._fused_level_loss(level, base, student, teacher, step, **context)
         student = base.align_student(student)
-        scale = None
-        if self.uncertainty == "paper" and self.drop_rate > 0.0:
-            scale = self._inverse_sigma(level, teacher, seed).to(student.dtype)
+        scale = step.inverse[level]
+        if scale is not None:
+            scale = scale.view(1, -1, 1, 1).to(student.dtype)
         prepared = base.prepare_student(self._student_under_factor(student, scale), **context)
         if self.num_avatars == 1:
             # One Avatar needs no weighting pass and no accumulator: its loss is the base loss on it.
-            avatar = self._as_seen(base, self._avatar(teacher, seed, 0), scale)
+            with step.avatar_draws():
+                avatar = self._as_seen(base, self._avatar(teacher, step, level, 0), scale)
             return base.per_image(prepared, avatar, **context).sum()
         fuse = self.fused and base.fusable
         # Weights and accumulators stay in float32 whatever the features' dtype: the unnormalised
         # inverse-variance weights exceed float16's range (1 / u is ~1e5 on real FPN maps).
         total_weight = weighted = weighted_constant = phi_dtype = phi = term = None
         weigher = AvatarWeigher(teacher, self.weighting)
-        for index in range(self.num_avatars):
-            raw = self._avatar(teacher, seed, index)
-            weight = weigher(raw)                                                  # N, float32
-            avatar = self._as_seen(base, raw, scale)
-            raw = None
-            if fuse:
-                phi, constant = base.target(prepared, avatar, **context)
-                phi_dtype = phi.dtype
-                per_image = weight.view(-1, *([1] * (phi.dim() - 1)))
-                constant = constant * weight.double()
-                if weighted is None:  # the teacher side has no gradient: accumulate in place
-                    weighted, weighted_constant = phi.float() * per_image, constant
+        with step.avatar_draws():
+            for index in range(self.num_avatars):
+                raw = self._avatar(teacher, step, level, index)
+                weight = weigher(raw)                                                  # N, float32
+                avatar = self._as_seen(base, raw, scale)
+                raw = None
+                if fuse:
+                    phi, constant = base.target(prepared, avatar, **context)
+                    phi_dtype = phi.dtype
+                    per_image = weight.view(-1, *([1] * (phi.dim() - 1)))
+                    constant = constant * weight.double()
+                    if weighted is None:  # the teacher side has no gradient: accumulate in place
+                        weighted, weighted_constant = phi.float() * per_image, constant
+                    else:
+                        weighted.addcmul_(phi.float(), per_image)
+                        weighted_constant += constant
                 else:
-                    weighted.addcmul_(phi.float(), per_image)
-                    weighted_constant += constant
-            else:
-                term = base.per_image(prepared, avatar, **context).float() * weight
-                weighted = term if weighted is None else weighted + term
-            total_weight = weight if total_weight is None else total_weight + weight
-            # Drop this Avatar's tensors before the next one is drawn: otherwise two Avatars' worth
-            # would be alive at once and the peak would depend on num_avatars.
-            avatar = phi = term = None
+                    term = base.per_image(prepared, avatar, **context).float() * weight
+                    weighted = term if weighted is None else weighted + term
+                total_weight = weight if total_weight is None else total_weight + weight
+                # Drop this Avatar's tensors before the next one is drawn: otherwise two Avatars' worth
+                # would be alive at once and the peak would depend on num_avatars.
+                avatar = phi = term = None
         if fuse:
             phi_bar = weighted.div_(total_weight.view(-1, *([1] * (weighted.dim() - 1)))).to(phi_dtype)
             return base.fused(prepared, phi_bar, weighted_constant / total_weight.double(), **context).sum()
         return (weighted / total_weight).sum()
 
-    def _avatar(self, teacher: torch.Tensor, seed: Optional[torch.Tensor], index: int) -> torch.Tensor:
-        """Avatar ``index`` of this step: from torch's generator (``seed`` None: each call draws the
-        next one), or from the counter-based stream of ``seed``.
+    def _avatar(self, teacher: torch.Tensor, step: "_Step", level: int, index: int) -> torch.Tensor:
+        """Avatar ``index`` of a level in this call: from torch's generator (each call draws the next
+        one), or from the counter-based stream of the level's seed.
 
         With a compiled kernel this serves one Avatar only (the passes take two or more): the
         passes' statistics, affines and K-reduction would cost more than they save, so the Avatar
         is drawn by one compiled kernel, stored (as the loop's one Avatar is), and the level goes
         the loop's way. On an H100 the passes made one Avatar cost +14% of a training step against
         the loop's +2.4% (fcos-r101-r50, bench/RESULTS.md)."""
-        if seed is not None and self.avatar_kernel != "loop":
-            compiled = self.avatar_kernel == "compiled"
-            indices = fused_passes.avatar_indices(self.num_avatars, teacher.device)[index:index + 1]
-            keys = fused_passes.function("keys", compiled)(seed, indices)
-            return fused_passes.function("avatar", compiled)(teacher, keys, self.drop_rate)
+        if step.keys is not None:
+            seed_key, key, mult = step.keys[level]
+            keys = (seed_key, key[index:index + 1], mult[index:index + 1])
+            return fused_passes.function("avatar", self.avatar_kernel == "compiled")(teacher, keys, self.drop_rate)
+        seed = step.seeds[level] if step.seeds is not None else None
         return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
 
+    def _statistics(self, level: int, teacher: torch.Tensor, keys) -> dict:
+        """The passes' first pass over a level: the raw Avatars' statistics its options need."""
+        base = self._base_for(level)
+        standardised = self.uncertainty == "release" and base.release_standardises_avatar
+        wanted = dict(sigma=self.uncertainty == "paper", per_avatar_channel=standardised or base.normalises_teacher,
+                      per_image_channel=self.weighting == "inverse_variance")
+        if not any(wanted.values()):
+            return {}
+        with torch.no_grad(), float32_reductions(teacher):
+            return fused_passes.function("statistics", self.avatar_kernel == "compiled")(
+                teacher, keys, self.drop_rate, **wanted)
+
     def _fused_level_loss(self, level: int, base, student: torch.Tensor, teacher: torch.Tensor,
-                          seed: torch.Tensor, **context) -> torch.Tensor:
+                          step: "_Step", **context) -> torch.Tensor:
         """The loop's value, with the teacher side of all Avatars in a few passes (akd_cli.core.fused)."""
         compiled = self.avatar_kernel == "compiled"
         k, p = self.num_avatars, self.drop_rate
         n, c, h, w = teacher.shape
+        keys, stats = step.keys[level], step.stats[level]
         standardised = self.uncertainty == "release" and base.release_standardises_avatar
         pearson = base.normalises_teacher
         student = base.align_student(student)
         with torch.no_grad(), float32_reductions(teacher):
-            keys = fused_passes.function("keys", compiled)(seed, fused_passes.avatar_indices(k, seed.device))
-            wanted = dict(sigma=self.uncertainty == "paper", per_avatar_channel=standardised or pearson,
-                          per_image_channel=self.weighting == "inverse_variance")
-            stats = fused_passes.function("statistics", compiled)(teacher, keys, p, **wanted) \
-                if any(wanted.values()) else {}
             affines, scale = [], None
-            if self.uncertainty == "paper":
-                inverse = self._sigma_from_total(level, teacher, stats["sigma_sum"]).to(student.dtype)
+            if step.inverse[level] is not None:
+                inverse = step.inverse[level].to(student.dtype)
                 affines.append(("mul", None, inverse.view(1, c).expand(k, c)))
                 scale = inverse.view(1, c, 1, 1)
             elif standardised:
@@ -259,39 +309,57 @@ class AKDLoss(nn.Module):
             self.register_buffer(f"sigma_steps_{level}", torch.zeros((), dtype=torch.long, device=device))
         return getattr(self, name), getattr(self, f"sigma_steps_{level}")
 
-    def _inverse_sigma(self, level: int, teacher: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
-        """1 / sigma per channel (1 x C x 1 x 1, float32, no gradient) for this step's Avatars."""
-        c = teacher.shape[1]
-        with torch.no_grad():
-            # Draw this step's Avatars for their spread, then rewind the generator: the loss draws
-            # the very same Avatars again, so none has to be kept in memory meanwhile.
-            state = _rng_state(teacher.device)
-            total = torch.zeros(c, device=teacher.device, dtype=torch.float32)
-            for index in range(self.num_avatars):
-                total += squared_difference_per_channel(self._avatar(teacher, seed, index), teacher)
-            _set_rng_state(teacher.device, state)
-            return self._sigma_from_total(level, teacher, total).view(1, c, 1, 1)
+    def _sigma_totals(self, teachers: List[torch.Tensor], step: "_Step") -> List[torch.Tensor]:
+        """Per level, sum (a_k - T)^2 per channel over this call's Avatars, images and positions
+        (C, float32), Avatar by Avatar (the loop's way, none kept).
 
-    def _sigma_from_total(self, level: int, teacher: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        """1 / sigma per channel (C) from this step's sum of (a_k - T)^2 over Avatars, images and
-        positions: all ranks' sums together, then the running estimate."""
-        n, c, h, w = teacher.shape
+        The levels' losses then draw the very same Avatars: the counter-based generator by
+        construction; torch's generator replays its stream from where these draws began
+        (``_Step.avatar_draws``), while the base losses' own draws (MGD's student masks) go on from
+        where they ended, so they share no random numbers with the Avatars and cannot shift them."""
         with torch.no_grad():
-            # torch.full fills on the device; torch.tensor would copy from the host, and a blocking
-            # copy to a GPU waits for all queued work (a host sync per level per step).
-            count = torch.full((), float(self.num_avatars * n * h * w), device=teacher.device)
+            start = _rng_state(step.device) if step.seeds is None else None
+            totals = []
+            for level, teacher in enumerate(teachers):
+                total = torch.zeros(teacher.shape[1], device=teacher.device, dtype=torch.float32)
+                for index in range(self.num_avatars):
+                    total += squared_difference_per_channel(self._avatar(teacher, step, level, index), teacher)
+                totals.append(total)
+            step.replay = start
+            return totals
+
+    def _inverse_sigmas(self, teachers: List[torch.Tensor], totals: List[torch.Tensor],
+                        finite: torch.Tensor) -> List[torch.Tensor]:
+        """1 / sigma per channel of each level (C each) from this call's sums of (a_k - T)^2: all
+        ranks' sums together, then the running estimates. All levels' sums, their sample counts and
+        a flag for non-finite features travel in one all-reduce (two per level before).
+
+        A call whose features hold non-finite values, on any rank, leaves the running estimates as
+        they were: it raises once its work is queued (``per_level``)."""
+        counts = [float(self.num_avatars * t.shape[0] * t.shape[2] * t.shape[3]) for t in teachers]
+        with torch.no_grad():
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(total)
-                torch.distributed.all_reduce(count)
-            batch = total / count
-            running, steps = self._sigma_state(level, c, teacher.device)
-            if self.training:
-                sigma2 = update_running(running, batch, steps, self.sigma_momentum)
-            else:
-                sigma2 = torch.where(steps > 0, running, batch)  # no host sync to read the counter
-            return inverse_sigma(sigma2)
+                device = totals[0].device
+                # torch.full fills on the device; torch.tensor would copy from the host, and a
+                # blocking copy to a GPU waits for all queued work (a host sync)
+                flat = torch.cat(totals + [torch.full((1,), count, device=device) for count in counts]
+                                 + [(~finite).float().view(1)])
+                torch.distributed.all_reduce(flat)
+                parts = flat.split([total.numel() for total in totals] + [1] * (len(counts) + 1))
+                totals, counts, finite = parts[:len(totals)], parts[len(totals):-1], parts[-1][0] == 0
+            inverse = []
+            for level, (teacher, total, count) in enumerate(zip(teachers, totals, counts)):
+                batch = total / count
+                running, steps = self._sigma_state(level, total.numel(), teacher.device)
+                if self.training:
+                    sigma2 = update_running(running, batch, steps, self.sigma_momentum, apply=finite)
+                else:
+                    sigma2 = torch.where(steps > 0, running, batch)  # no host sync to read the counter
+                inverse.append(inverse_sigma(sigma2))
+            return inverse
 
     def _validate(self, student: Features, teacher: Features):
+        """Levels, types and shapes (the host's checks; finiteness is checked by ``per_level``)."""
         students = [student] if torch.is_tensor(student) else list(student)
         teachers = [teacher] if torch.is_tensor(teacher) else list(teacher)
         if len(students) != len(teachers):
@@ -308,15 +376,44 @@ class AKDLoss(nn.Module):
             if s.dim() != 4 or s.shape != t.shape:
                 raise ValueError(f"level {i}: student shape {tuple(s.shape)} and teacher shape "
                                  f"{tuple(t.shape)} must be equal N x C x H x W")
-        # One device sync for all levels; the culprit is searched only when something is wrong.
-        finite = torch.stack([torch.isfinite(x).all() for x in students + teachers])
-        if not bool(finite.all()):
-            for i, (s, t) in enumerate(zip(students, teachers)):
-                for role, x in (("student", s), ("teacher", t)):
-                    if not bool(torch.isfinite(x).all()):
-                        raise ValueError(f"level {i}: {role} feature of shape {tuple(x.shape)} "
-                                         "holds non-finite values")
         return students, teachers
+
+
+class _Step:
+    """What one call's levels share, settled before any level's loss (``AKDLoss._prepare_step``)."""
+
+    def __init__(self, levels: int, device: torch.device):
+        self.device = device
+        self.seeds: Optional[torch.Tensor] = None     # L seeds of the counter-based generator
+        self.keys: Optional[list] = None              # per level, its Avatars' keys (compiled or fused kernel)
+        self.stats: Optional[list] = None             # per level, the passes' statistics (2+ Avatars)
+        self.inverse: list = [None] * levels          # per level, the paper's 1 / sigma (C), or None
+        self.replay: Optional[torch.Tensor] = None    # torch's generator state the Avatar draws resume from
+
+    @contextlib.contextmanager
+    def avatar_draws(self):
+        """Draw Avatars from torch's generator where the sigma's draws of them began (see
+        ``AKDLoss._sigma_totals``); without a replay state, from the generator as it stands."""
+        if self.replay is None:
+            yield
+            return
+        main = _rng_state(self.device)
+        _set_rng_state(self.device, self.replay)
+        try:
+            yield
+        finally:
+            self.replay = _rng_state(self.device)
+            _set_rng_state(self.device, main)
+
+
+def _raise_if_not_finite(finite: torch.Tensor, students: List[torch.Tensor], teachers: List[torch.Tensor]) -> None:
+    # The call's one read from the device; the culprit is searched only when something is wrong.
+    if bool(finite):
+        return
+    for i, (s, t) in enumerate(zip(students, teachers)):
+        for role, x in (("student", s), ("teacher", t)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"level {i}: {role} feature of shape {tuple(x.shape)} holds non-finite values")
 
 
 def _pearson_affine(mean: torch.Tensor, var: torch.Tensor, count: int, affines: list):

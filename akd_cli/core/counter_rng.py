@@ -33,10 +33,10 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A 0-d int64 seed from torch's generator on ``device``: reproducible under torch.manual_seed,
-    and on a GPU it stays there (no host synchronisation)."""
-    return torch.randint(SEED_HIGH, (), device=device, dtype=torch.int64)
+def draw_seed(device: torch.device, shape=()) -> torch.Tensor:
+    """int64 seeds (one, 0-d, by default) from torch's generator on ``device``: reproducible under
+    torch.manual_seed, and on a GPU they stay there (no host synchronisation)."""
+    return torch.randint(SEED_HIGH, tuple(shape), device=device, dtype=torch.int64)
 
 
 def avatar_keys(seed: torch.Tensor, indices: torch.Tensor):

@@ -57,6 +57,8 @@ and teacher, before any factor, and carries no gradient.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from akd_cli.names import AVATAR_WEIGHTINGS, UNCERTAINTY_MODES
@@ -132,12 +134,19 @@ def inverse_sigma(sigma2: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(sigma2 + eps)
 
 
-def update_running(running: torch.Tensor, batch: torch.Tensor, steps: torch.Tensor, momentum: float) -> torch.Tensor:
+def update_running(running: torch.Tensor, batch: torch.Tensor, steps: torch.Tensor, momentum: float,
+                   apply: Optional[torch.Tensor] = None) -> torch.Tensor:
     """running <- (1 - m) running + m batch, in place; the first step takes the batch value. Chosen
     on the device (no int(steps)): reading the counter would wait for the GPU at every level of
-    every step. The same operations as in place, so the values are bit for bit those of before."""
-    running.copy_(torch.where(steps == 0, batch, running.mul(1.0 - momentum).add(batch, alpha=momentum)))
-    steps += 1
+    every step. The same operations as in place, so the values are bit for bit those of before.
+    ``apply`` (a 0-d bool tensor) skips the update, again without reading it, where it is False."""
+    updated = torch.where(steps == 0, batch, running.mul(1.0 - momentum).add(batch, alpha=momentum))
+    if apply is None:
+        running.copy_(updated)
+        steps += 1
+    else:
+        running.copy_(torch.where(apply, updated, running))
+        steps += apply.long()
     return running
 
 
