@@ -1,8 +1,10 @@
 """The pure-torch AKD core: values, equivalences, gradients, determinism, cost and bad input."""
 import math
+import re
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from akd_cli import AKDLoss
 from akd_cli.core import BASE_LOSSES, make_avatar
@@ -719,6 +721,127 @@ def test_non_finite_features_name_the_level_and_role():
     teacher[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"level 1: teacher feature of shape \(2, 8, 6, 5\) holds non-finite"):
         AKDLoss()(student, teacher)
+
+
+class _DeviceReads(TorchFunctionMode):
+    """Records every torch call, and which of them read a tensor's value into Python: on a GPU each
+    such read waits for all queued work."""
+
+    READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def reads(self):
+        return [name for name in self.calls if name in self.READS]
+
+
+@pytest.mark.parametrize("base,uncertainty,avatars,kernel", [
+    (base, uncertainty, avatars, "loop") for base in BASE_LOSSES if base != "fgd"
+    for uncertainty in ("paper", "release") for avatars in (1, 3)] + [
+    ("cwd", "paper", 3, "fused"), ("maskd", "release", 2, "fused"), ("mse", "paper", 1, "fused"),
+    ("cwd", "none", 0, "loop")])
+def test_a_call_reads_from_the_device_once_after_all_its_work(base, uncertainty, avatars, kernel):
+    """On a GPU the host then queues the whole loss while the forward passes before it still run.
+    (FGD reads its boxes: it is not here.)"""
+    student, teacher = features()
+    options = dict(student_masks_after=1) if base == "maskd" else {}
+    akd = AKDLoss(base=base, num_avatars=avatars, drop_rate=0.2, uncertainty=uncertainty, avatar_kernel=kernel,
+                  **base_kwargs(base), **options)
+    akd(student, teacher)  # MasKD reads its warm-up count once, after it is made or loaded
+    with _DeviceReads() as mode:
+        losses = akd.per_level(student, teacher)
+    assert len(losses) == LEVELS
+    assert mode.reads == ["__bool__"] and mode.calls[-1] == "__bool__", mode.reads
+
+
+@pytest.mark.parametrize("kernel", ["loop", "fused"])
+def test_a_non_finite_call_raises_and_leaves_the_running_sigma_as_it_was(kernel):
+    student, teacher = features()
+    akd = AKDLoss(base="cwd", num_avatars=2, drop_rate=0.2, uncertainty="paper", avatar_kernel=kernel)
+    akd(student, teacher)
+    before = {name: value.clone() for name, value in akd.state_dict().items()}
+    teacher[1] = teacher[1].clone()
+    teacher[1][0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"level 1: teacher feature .* holds non-finite"):
+        akd(student, teacher)
+    assert all(torch.equal(before[name], value) for name, value in akd.state_dict().items())
+
+
+@pytest.mark.parametrize("base", ["cwd", "mgd"])
+def test_the_paper_sigma_comes_from_the_very_avatars_the_loss_sees(base, monkeypatch):
+    """torch's generator: the sigma's draws are replayed for the loss, and MGD's student masks (drawn
+    between them) take other random numbers, so they shift no Avatar."""
+    import akd_cli.core.akd as akd_module
+
+    drawn = []
+
+    def recorded(*args, **kwargs):
+        drawn.append(make_avatar(*args, **kwargs).clone())
+        return drawn[-1]
+
+    monkeypatch.setattr(akd_module, "make_avatar", recorded)
+    student, teacher = features()
+    k = 2
+    akd = AKDLoss(base=base, num_avatars=k, drop_rate=0.3, uncertainty="paper", **base_kwargs(base))
+    torch.manual_seed(0)
+    akd(student, teacher)
+    assert len(drawn) == 2 * k * LEVELS
+    for for_sigma, for_loss in zip(drawn[:k * LEVELS], drawn[k * LEVELS:]):
+        assert torch.equal(for_sigma, for_loss)
+    for level, t in enumerate(teacher):
+        avatars = drawn[level * k:(level + 1) * k]
+        expected = sum((a - t).pow(2).sum(dim=(0, 2, 3)) for a in avatars) / (k * t[:, 0].numel())
+        assert torch.allclose(getattr(akd, f"sigma2_{level}"), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["loop", "fused"])
+def test_ranks_take_the_paper_sigma_together_in_one_all_reduce(kernel):
+    """Two gloo ranks with different batch and map sizes: sigma^2 is the pooled one (sums and sample
+    counts of both ranks); one all-reduce per call for all levels; a NaN on rank 1 makes rank 1
+    raise and leaves both ranks' running sigma as it was."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sigma_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    workers = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "sigma_worker.py"), str(rank), port, kernel],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    sums, counts = [0.0, 0.0], [0, 0]
+    for rank in (0, 1):  # each rank alone: its sigma^2 is its own sum over its own count
+        alone = sigma_worker.loss(kernel)
+        student, teacher = sigma_worker.features(rank)
+        torch.manual_seed(rank)
+        alone(student, teacher)
+        for level, t in enumerate(teacher):
+            count = 2 * t[:, 0].numel()
+            sums[level] = sums[level] + getattr(alone, f"sigma2_{level}") * count
+            counts[level] += count
+    for result in results:
+        assert result["all_reduces"] == [2 * 8 + 2 + 1]  # both levels' sums, their counts, the flag
+        for level in (0, 1):
+            assert torch.allclose(torch.tensor(result["sigma2"][level]), sums[level] / counts[level], rtol=1e-5)
+        assert result["state_kept"]
+    assert results[0]["raised"] is None
+    assert re.match(r"level 0: teacher feature .* holds non-finite", results[1]["raised"])
 
 
 def test_the_readme_library_example_runs_as_written():

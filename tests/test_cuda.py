@@ -163,3 +163,29 @@ def test_compiled_avatar_passes_memory_does_not_grow_with_avatars_on_cuda():
         torch.cuda.synchronize()
         peaks[avatars] = torch.cuda.max_memory_allocated() - before
     assert peaks[8] <= peaks[1] + 0.1 * map_bytes, peaks
+
+
+@pytest.mark.parametrize("base,uncertainty,kernel,avatars", [
+    ("cwd", "paper", "loop", 1), ("cwd", "paper", "compiled", 8), ("maskd", "release", "loop", 1),
+    ("maskd", "release", "compiled", 8), ("mse", "paper", "compiled", 1)])
+def test_a_loss_call_synchronises_once_after_queuing_all_its_work(base, uncertainty, kernel, avatars):
+    """CUDA's own sync check (test_core.py's twin counts reads on the CPU): the one sync is the
+    finiteness check at the end, so the host queues the loss while the GPU still runs the forward."""
+    import warnings
+
+    shapes = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 7, 11)]
+    options = dict(channels=256, num_levels=3, student_masks_after=1) if base == "maskd" else {}
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=uncertainty, avatar_kernel=kernel, **options).cuda()
+    students = [torch.randn(s, device="cuda", requires_grad=True) for s in shapes]
+    teachers = [torch.randn(s, device="cuda") for s in shapes]
+    loss_fn(students, teachers).backward()  # compiles; MasKD reads its warm-up count once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss_fn.per_level(students, teachers)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

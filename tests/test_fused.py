@@ -124,6 +124,32 @@ def test_compiled_passes_equal_the_loop(base, uncertainty, weighting, avatars):
                  _steps("compiled", base, uncertainty, weighting, avatars))
 
 
+def test_one_seed_draw_and_one_keys_call_serve_all_levels(monkeypatch):
+    """Per call, not per level: the passes' host work is what a GPU step waits on (bench/RESULTS.md)."""
+    import collections
+
+    import akd_cli.core.akd as akd_module
+
+    calls = collections.Counter()
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    for name, function in list(fused.FUNCTIONS.items()):
+        monkeypatch.setitem(fused.FUNCTIONS, name, counted(name, function))
+    monkeypatch.setattr(akd_module, "draw_seed", counted("seed", counter_rng.draw_seed))
+    shapes = SHAPES + [(2, 16, 3, 3)]
+    students, teachers = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
+    AKDLoss(base="cwd", num_avatars=3, uncertainty="paper", avatar_kernel="fused")(students, teachers)
+    assert calls == {"seed": 1, "keys": 1, "statistics": 3, "cwd": 3}
+    calls.clear()
+    AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
+    assert calls == {"seed": 1, "keys": 1, "avatar": 6}  # one Avatar per level for the sigma, again for the loss
+
+
 def test_compiled_passes_are_reproducible_under_a_seed():
     assert _steps("compiled", "cwd", "paper", "mean", 4)[0] == _steps("compiled", "cwd", "paper", "mean", 4)[0]
 
