@@ -189,3 +189,18 @@ def test_a_loss_call_synchronises_once_after_queuing_all_its_work(base, uncertai
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, syncs
+
+
+def test_gpu_dropout_masks_equal_the_cpus_eager_and_compiled():
+    """The GPU hashes in wrapping int32 (eager and Triton), the CPU in int64: the same Avatars."""
+    from akd_cli.core import counter_rng, fused
+
+    shape = (2, 256, 100, 168)
+    keys = counter_rng.avatar_keys(torch.tensor(123456789), torch.arange(8))
+    on_gpu = tuple(x.cuda() for x in keys)
+    for p in (0.1, 0.5):
+        expected = counter_rng.keep_mask(shape, keys, p)
+        assert torch.equal(counter_rng.keep_mask(shape, on_gpu, p).cpu(), expected)
+        teacher = torch.randn(shape)
+        compiled = fused.function("avatar", True)(teacher.cuda(), tuple(x[:1] for x in on_gpu), p)
+        assert torch.equal(compiled.cpu(), fused.one_avatar(teacher, tuple(x[:1] for x in keys), p))

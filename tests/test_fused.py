@@ -95,6 +95,22 @@ def test_counter_masks_are_a_function_of_seed_avatar_and_position():
     assert torch.allclose(first[kept], teacher[kept] / 0.9)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 64, 40, 33), (1_000_003,)])
+def test_the_gpus_wrapping_int32_hash_gives_the_cpus_int64_bits(shape):
+    """CUDA hashes in wrapping int32 (counter_rng.hash_bits), the CPU in int64: one mask either way.
+    Checked here in eager int32 on the CPU; test_cuda.py checks the GPU's eager and Triton code."""
+    assert counter_rng.hash_bits(torch.device("cuda")) == 32 and counter_rng.hash_bits(torch.device("cpu")) == 64
+    g = torch.Generator().manual_seed(len(shape))
+    for seed in torch.randint(counter_rng.SEED_HIGH, (3,), generator=g).tolist() + [0, counter_rng.SEED_HIGH - 1]:
+        keys = counter_rng.avatar_keys(torch.tensor(seed), torch.arange(5))
+        for p in (0.1, 0.5, 0.9):
+            wide = counter_rng.keep_mask(shape, keys, p, bits=64)
+            assert torch.equal(counter_rng.keep_mask(shape, keys, p, bits=32), wide)
+    x = torch.randint(0, 2 ** 32, (100_000,), generator=g, dtype=torch.int64)
+    as_int32 = counter_rng.mix32_wrapping(x.to(torch.int32)).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(as_int32, counter_rng.mix32(x))
+
+
 def test_seeds_come_from_torchs_generator():
     torch.manual_seed(3)
     a = counter_rng.draw_seed(torch.device("cpu"))

@@ -9,17 +9,29 @@ eager mode, inductor's C++ code on the CPU and its Triton code on a GPU give the
 
 The element hash is lowbias32 (C. Wellons, "Hash function prospector", 2018) of the index and a
 seed key; each Avatar then xors its own key and multiplies by its own odd number (see keep_mask).
-Values are uint32 held in int64, and every product stays below 2^63 (lowbias32's second
-multiplier is split into 16-bit halves), so no backend meets signed overflow. The keep test
-compares the top 24 bits with round(p * 2^24): the dropout rate is quantised to 2^-24 (0.1 becomes
-0.1000000238). Masks drawn so are not torch's: a run with avatar_rng="counter" draws other (equally
+The per-element hash runs in one of two representations of the same uint32 values, which give
+the same bits (tests/test_fused.py checks that they agree):
+
+- int64 (the CPU's): values below 2^32, every product below 2^63 (lowbias32's second multiplier
+  is split into 16-bit halves), so no product overflows; a C++ compiler may assume signed
+  overflow away, which rules out wrapping int32 products in inductor's C++ code;
+- int32 (CUDA's): products wrap mod 2^32, as the GPU's integer multiply and Triton's do, and
+  shifts are made logical by masking off the sign's copies. A GPU emulates 64-bit multiplies
+  with several 32-bit ones: on an H100 the int64 hash was most of the passes' GPU time. Its
+  counter is an int32 arange, so a map of 2^31 elements or more (8 GiB in float32) takes int64.
+
+The keep test compares the top 24 bits with round(p * 2^24): the dropout rate is quantised to 2^-24
+(0.1 becomes 0.1000000238). Masks drawn so are not torch's: a run with avatar_rng="counter" draws other (equally
 distributed) Avatars than one with torch's dropout, as two seeds do.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _M32 = 0xFFFFFFFF
+_MULTIPLIER_INT32 = 0x846CA68B - (1 << 32)
 _GOLDEN = 0x9E3779B9
 SEED_HIGH = 2 ** 31 - 1
 
@@ -50,7 +62,23 @@ def threshold(drop_rate: float) -> int:
     return int(round(float(drop_rate) * (1 << 24)))
 
 
-def keep_mask(shape, keys, drop_rate: float) -> torch.Tensor:
+def mix32_wrapping(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int32 tensors holding uint32 bits: products wrap mod 2^32; the masks after each
+    right shift clear what the sign bit copied in (logical shifts); the second multiplier is
+    0x846CA68B written as the int32 with its bits, a constant Triton can hold."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MULTIPLIER_INT32
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def hash_bits(device: torch.device) -> int:
+    """The per-element hash's integer width on ``device``: 32 (wrapping) on CUDA, 64 elsewhere."""
+    return 32 if device.type == "cuda" else 64
+
+
+def keep_mask(shape, keys, drop_rate: float, bits: Optional[int] = None) -> torch.Tensor:
     """Keep bits of shape ``K + shape`` for ``keys = avatar_keys(seed, indices)`` (K = indices' shape).
 
     Element i of Avatar k is kept iff the top 24 bits of ((h_i ^ key_k) * mult_k) mod 2^32 reach
@@ -64,8 +92,14 @@ def keep_mask(shape, keys, drop_rate: float) -> torch.Tensor:
     numel = 1
     for size in shape:  # a plain loop: torch.compile traces it (not a generator into math.prod)
         numel *= int(size)
-    counter = torch.arange(numel, device=key.device, dtype=torch.int64).view(*shape) & _M32
     lead = (...,) + (None,) * len(shape)
+    if (bits or hash_bits(key.device)) == 32 and numel < 2 ** 31:
+        # int64 -> int32 keeps the low 32 bits: the same uint32 values, two's complement
+        seed_key, key, mult = (x.to(torch.int32) for x in (seed_key, key, mult))
+        counter = torch.arange(numel, device=key.device, dtype=torch.int32).view(*shape)
+        mixed = (mix32_wrapping(counter ^ seed_key) ^ key[lead]) * mult[lead]
+        return ((mixed >> 8) & 0xFFFFFF) >= threshold(drop_rate)
+    counter = torch.arange(numel, device=key.device, dtype=torch.int64).view(*shape) & _M32
     mixed = ((mix32(counter ^ seed_key) ^ key[lead]) * mult[lead]) & _M32
     return (mixed >> 8) >= threshold(drop_rate)
 

@@ -206,6 +206,10 @@ class AKDDistiller(BaseDetector):
             return self.student.forward_train(img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore, **kwargs)
         with self.student_recorder, self.student_inputs:
             losses = self.student.forward_train(img, img_metas, gt_bboxes, gt_labels, gt_bboxes_ignore, **kwargs)
+        # The teacher after the student: the student's head loss reads from the GPU (mmdet counts
+        # its positives), so the GPU is still running the teacher's forward when the distillation
+        # loss below is queued, and that loss's host work (it reads from the GPU once, at its end;
+        # AKDLoss.per_level) overlaps it instead of running with the GPU idle.
         with self.teacher_recorder, torch.no_grad():
             self._teacher_forward(img)
         # FGD scales each image's boxes by that image's own shape before padding, as FGD does
