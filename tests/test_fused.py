@@ -140,7 +140,7 @@ def test_compiled_passes_equal_the_loop(base, uncertainty, weighting, avatars):
                  _steps("compiled", base, uncertainty, weighting, avatars))
 
 
-def test_one_seed_draw_and_one_keys_call_serve_all_levels(monkeypatch):
+def test_one_seed_draw_one_keys_call_and_one_call_per_pass_serve_all_levels(monkeypatch):
     """Per call, not per level: the passes' host work is what a GPU step waits on (bench/RESULTS.md)."""
     import collections
 
@@ -160,7 +160,7 @@ def test_one_seed_draw_and_one_keys_call_serve_all_levels(monkeypatch):
     shapes = SHAPES + [(2, 16, 3, 3)]
     students, teachers = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
     AKDLoss(base="cwd", num_avatars=3, uncertainty="paper", avatar_kernel="fused")(students, teachers)
-    assert calls == {"seed": 1, "keys": 1, "statistics": 3, "cwd": 3}
+    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_levels": 1, "cwd": 3}
     calls.clear()
     AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     assert calls == {"seed": 1, "keys": 1, "avatar": 6}  # one Avatar per level for the sigma, again for the loss
@@ -188,7 +188,7 @@ def _buffers(code: str):
         yield [int(x) for x in match.group(1).split(",") if x.strip()]
 
 
-@pytest.mark.parametrize("name", ["statistics", "cwd", "mse", "maskd"])
+@pytest.mark.parametrize("name", ["statistics", "cwd", "mse", "maskd", "cwd_levels"])
 def test_compiled_passes_store_no_avatar(name):
     """The generated code allocates nothing near the size of the K Avatars: each Avatar element
     lives in registers, regenerated from the teacher and its mask in each pass."""
@@ -203,7 +203,10 @@ def test_compiled_passes_store_no_avatar(name):
     arguments = {"statistics": (teacher, keys, 0.1, True, True, True),
                  "cwd": (teacher, keys, 0.1, affines, weights, 1.0, 0.1),
                  "mse": (teacher, keys, 0.1, affines, weights),
-                 "maskd": (teacher, keys, 0.1, affines, weights, ReceptiveTokens(c, 6), None)}[name]
+                 "maskd": (teacher, keys, 0.1, affines, weights, ReceptiveTokens(c, 6), None),
+                 # two levels in one call, as AKDLoss makes it: each level's Avatars unstored too
+                 "cwd_levels": ([(teacher, keys, 0.1, affines, weights, 1.0, 0.1),
+                                 (torch.randn(n, c, h // 2, w), keys, 0.1, affines, weights, 1.0, 0.1)], {})}[name]
     compiled = torch.compile(fused.FUNCTIONS[name], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
     with torch.no_grad():
         result, codes = run_and_get_code(compiled, *arguments)

@@ -130,7 +130,11 @@ class AKDLoss(nn.Module):
             losses = [self._base_for(i)(s, t, **context) for i, (s, t) in enumerate(zip(students, teachers))]
         else:
             step = self._prepare_step(teachers, finite)
-            losses = [self._level_loss(i, s, t, step, **context) for i, (s, t) in enumerate(zip(students, teachers))]
+            if step.stats is not None:
+                losses = self._fused_losses(students, teachers, step, **context)
+            else:
+                losses = [self._level_loss(i, s, t, step, **context)
+                          for i, (s, t) in enumerate(zip(students, teachers))]
         _raise_if_not_finite(finite, students, teachers)
         return losses
 
@@ -163,8 +167,7 @@ class AKDLoss(nn.Module):
                     step.seeds[:, None], fused_passes.avatar_indices(k, device)[None])
                 step.keys = [(seed_key[level], key[level], mult[level]) for level in range(len(teachers))]
                 if k > 1:
-                    step.stats = [self._statistics(level, teacher, step.keys[level])
-                                  for level, teacher in enumerate(teachers)]
+                    step.stats = self._statistics(teachers, step.keys)
         if self.uncertainty == "paper":
             totals = ([stats["sigma_sum"] for stats in step.stats] if step.stats is not None
                       else self._sigma_totals(teachers, step))
@@ -173,8 +176,6 @@ class AKDLoss(nn.Module):
 
     def _level_loss(self, level: int, student: torch.Tensor, teacher: torch.Tensor, step: "_Step", **context):
         base = self._base_for(level)
-        if step.stats is not None:
-            return self._fused_level_loss(level, base, student, teacher, step, **context)
         student = base.align_student(student)
         scale = step.inverse[level]
         if scale is not None:
@@ -234,54 +235,64 @@ class AKDLoss(nn.Module):
         seed = step.seeds[level] if step.seeds is not None else None
         return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
 
-    def _statistics(self, level: int, teacher: torch.Tensor, keys) -> dict:
-        """The passes' first pass over a level: the raw Avatars' statistics its options need."""
-        base = self._base_for(level)
+    def _statistics(self, teachers: List[torch.Tensor], keys: list) -> List[dict]:
+        """The passes' first pass, over all levels in one call: the raw Avatars' statistics the
+        options need."""
+        base = self._base_for(0)  # one base loss class for all levels: the same statistics
         standardised = self.uncertainty == "release" and base.release_standardises_avatar
         wanted = dict(sigma=self.uncertainty == "paper", per_avatar_channel=standardised or base.normalises_teacher,
                       per_image_channel=self.weighting == "inverse_variance")
         if not any(wanted.values()):
-            return {}
-        with torch.no_grad(), float32_reductions(teacher):
-            return fused_passes.function("statistics", self.avatar_kernel == "compiled")(
-                teacher, keys, self.drop_rate, **wanted)
+            return [{} for _ in teachers]
+        with torch.no_grad(), float32_reductions(teachers[0]):
+            return fused_passes.levels("statistics", self.avatar_kernel == "compiled")(
+                [(teacher, level_keys, self.drop_rate) for teacher, level_keys in zip(teachers, keys)], wanted)
 
-    def _fused_level_loss(self, level: int, base, student: torch.Tensor, teacher: torch.Tensor,
-                          step: "_Step", **context) -> torch.Tensor:
-        """The loop's value, with the teacher side of all Avatars in a few passes (akd_cli.core.fused)."""
-        compiled = self.avatar_kernel == "compiled"
+    def _fused_losses(self, students: List[torch.Tensor], teachers: List[torch.Tensor], step: "_Step",
+                      **context) -> List[torch.Tensor]:
+        """The loop's values, with the teacher side of all levels' Avatars in a few passes
+        (akd_cli.core.fused): the statistics (``_prepare_step``), then the base loss's terms, each
+        pass one call for all levels."""
         k, p = self.num_avatars, self.drop_rate
-        n, c, h, w = teacher.shape
-        keys, stats = step.keys[level], step.stats[level]
-        standardised = self.uncertainty == "release" and base.release_standardises_avatar
-        pearson = base.normalises_teacher
-        student = base.align_student(student)
-        with torch.no_grad(), float32_reductions(teacher):
-            affines, scale = [], None
-            if step.inverse[level] is not None:
-                inverse = step.inverse[level].to(student.dtype)
-                affines.append(("mul", None, inverse.view(1, c).expand(k, c)))
-                scale = inverse.view(1, c, 1, 1)
-            elif standardised:
-                affines.append(("div", stats["mean"], torch.sqrt(stats["var"] + RELEASE_BN_EPS)))
-            if pearson:
-                affines.append(_pearson_affine(stats["mean"], stats["var"], n * h * w, affines))
-            weights = AvatarWeigher(teacher, self.weighting).from_channel_means(
-                stats["image_channel_mean"] if "image_channel_mean" in stats else teacher.new_zeros(k, n, 0))
-        prepared = base.prepare_student(self._student_under_factor(student, scale), **context)
-        with torch.no_grad(), float32_reductions(teacher):
-            terms = fused_passes.function(base.teacher_pass, compiled)
-            if base.teacher_pass == "cwd":
-                phi_bar, constant = terms(teacher, keys, p, affines, weights, base.tau, base._scale(teacher))
-            elif base.teacher_pass == "maskd":
-                student_masks = (base.tokens.masks(prepared.detach().float()).float()
-                                 if base._with_student_masks else None)
-                phi_bar, constant = terms(teacher, keys, p, affines, weights, base.tokens, student_masks)
-            else:
-                phi_bar, constant = terms(teacher, keys, p, affines, weights)
-        if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
-            phi_bar = phi_bar.to(teacher.dtype)
-        return base.fused(prepared, phi_bar, constant, **context).sum()
+        bases, prepared, arguments = [], [], []
+        for level, (student, teacher) in enumerate(zip(students, teachers)):
+            base = self._base_for(level)
+            n, c, h, w = teacher.shape
+            stats = step.stats[level]
+            standardised = self.uncertainty == "release" and base.release_standardises_avatar
+            student = base.align_student(student)
+            with torch.no_grad(), float32_reductions(teacher):
+                affines, scale = [], None
+                if step.inverse[level] is not None:
+                    inverse = step.inverse[level].to(student.dtype)
+                    affines.append(("mul", None, inverse.view(1, c).expand(k, c)))
+                    scale = inverse.view(1, c, 1, 1)
+                elif standardised:
+                    affines.append(("div", stats["mean"], torch.sqrt(stats["var"] + RELEASE_BN_EPS)))
+                if base.normalises_teacher:
+                    affines.append(_pearson_affine(stats["mean"], stats["var"], n * h * w, affines))
+                weights = AvatarWeigher(teacher, self.weighting).from_channel_means(
+                    stats["image_channel_mean"] if "image_channel_mean" in stats else teacher.new_zeros(k, n, 0))
+            ready = base.prepare_student(self._student_under_factor(student, scale), **context)
+            with torch.no_grad(), float32_reductions(teacher):
+                if base.teacher_pass == "cwd":
+                    extra = (base.tau, base._scale(teacher))
+                elif base.teacher_pass == "maskd":
+                    extra = (base.tokens, base.tokens.masks(ready.detach().float()).float()
+                             if base._with_student_masks else None)
+                else:
+                    extra = ()
+            arguments.append((teacher, step.keys[level], p, affines, weights) + extra)
+            bases.append(base)
+            prepared.append(ready)
+        with torch.no_grad(), float32_reductions(teachers[0]):
+            terms = fused_passes.levels(bases[0].teacher_pass, self.avatar_kernel == "compiled")(arguments, {})
+        losses = []
+        for base, ready, teacher, (phi_bar, constant) in zip(bases, prepared, teachers, terms):
+            if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
+                phi_bar = phi_bar.to(teacher.dtype)
+            losses.append(base.fused(ready, phi_bar, constant, **context).sum())
+        return losses
 
     def _student_under_factor(self, student: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """The student as the base loss takes it under the factor (``scale``: the paper's 1 / sigma,

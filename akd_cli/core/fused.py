@@ -22,6 +22,10 @@ only the order of the sums over Avatars differs. Under float16 autocast the feat
 float16; these passes compute in float32 throughout (the loop path computes each Avatar in the
 feature's dtype), so the two agree to float16's precision, and no sum can overflow.
 
+A call of the loss makes three compiled calls, whatever its level count: the keys of all levels'
+Avatars (``counter_rng.avatar_keys``), then each pass over all levels at once (``levels``). Each
+compiled call costs host time, and on a GPU the loss is bound by the host, not by bandwidth.
+
 These passes serve two Avatars or more. One Avatar goes the loop's way (AKDLoss._avatar): it is
 drawn by ``one_avatar`` compiled, then stored, as the loop stores its one Avatar.
 
@@ -171,9 +175,40 @@ def maskd_terms(teacher, keys, drop_rate: float, affines, weights, tokens,
 # fans out deeply enough for inlining to grow exponentially.
 COMPILE_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 32, "realize_reads_threshold": 16}
 
+
+# One function per pass, each its own code object: dynamo keeps its compilations per code object,
+# and one closure over each pass would make the passes share one recompile limit.
+def statistics_levels(arguments: list, keywords: dict) -> list:
+    return [FUNCTIONS["statistics"](*level, **keywords) for level in arguments]
+
+
+def cwd_levels(arguments: list, keywords: dict) -> list:
+    return [FUNCTIONS["cwd"](*level, **keywords) for level in arguments]
+
+
+def mse_levels(arguments: list, keywords: dict) -> list:
+    return [FUNCTIONS["mse"](*level, **keywords) for level in arguments]
+
+
+def maskd_levels(arguments: list, keywords: dict) -> list:
+    return [FUNCTIONS["maskd"](*level, **keywords) for level in arguments]
+
+
 FUNCTIONS = {"keys": counter_rng.avatar_keys, "avatar": one_avatar, "statistics": statistics,
-             "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
+             "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms,
+             "statistics_levels": statistics_levels, "cwd_levels": cwd_levels, "mse_levels": mse_levels,
+             "maskd_levels": maskd_levels}
+RECOMPILE_LIMIT = 64
 _compiled: Dict[str, object] = {}
+
+
+def levels(name: str, compiled: bool):
+    """The pass ``name`` over all levels in one call, ``f(arguments, keywords)``: ``arguments`` holds
+    each level's positional arguments, ``keywords`` those all levels share. Each call of a compiled
+    function costs host time (guards, wrappers, launches: 100 to 250 us on an H100's host), and the
+    loss is bound by the host: one call per pass per step instead of one per level. One graph holds
+    every level's kernels (each level's sizes their own symbols); it compiles once per level count."""
+    return function(name + "_levels", compiled)
 
 
 def function(name: str, compiled: bool):
@@ -186,5 +221,14 @@ def function(name: str, compiled: bool):
 
         # a torch without one of these settings refuses the whole dict: keep what it knows
         options = {key: value for key, value in COMPILE_OPTIONS.items() if hasattr(config, key)}
+        # A process compiles each pass once per configuration (level count, factor, weighting,
+        # dtype, a batch of one): a test run or a study meets more of them than dynamo's default
+        # limit of 8 per function, past which a fullgraph function fails instead of recompiling.
+        from torch._dynamo import config as dynamo
+
+        for limit in ("recompile_limit", "cache_size_limit"):  # the name before torch 2.6
+            if hasattr(dynamo, limit):
+                setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
+                break
         _compiled[name] = torch.compile(FUNCTIONS[name], dynamic=True, fullgraph=True, options=options)
     return _compiled[name]
