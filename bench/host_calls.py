@@ -1,0 +1,115 @@
+"""The AKD loss's host work: the time of one loss call (forward and backward) on tiny maps of five
+FPN levels (2 x 16 channels, 32x32 down to 2x2), where the arithmetic is negligible and what is
+timed is Python, dispatch, and the calls into compiled code. On a GPU this is the work the host
+must do before the loss's kernels are queued: on an H100 the loss was bound by it, not by the GPU
+(bench/RESULTS.md, issue 15).
+
+Counts, per loss call, the calls into compiled code (each costs guards and wrappers), the host's
+reads of a tensor's value (on a GPU, each waits for all queued work), and the torch calls the loss
+makes after its last read (``per_level``): the work a read before them keeps from overlapping the
+GPU's.
+
+    python bench/host_calls.py [--device cpu|cuda] [--repeats 200] [--json out.json] [--root TREE]
+
+``--root`` imports akd_cli from another checkout (a git worktree of an older commit), to compare
+two commits in one run on one machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+SHAPES = [(2, 16, 32, 32), (2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
+CONFIGURATIONS = [  # (base, factor, kernel, Avatars)
+    ("cwd", "paper", "loop", 0), ("cwd", "paper", "loop", 1), ("cwd", "paper", "loop", 8),
+    ("cwd", "paper", "compiled", 1), ("cwd", "paper", "compiled", 8),
+    ("maskd", "release", "loop", 0), ("maskd", "release", "loop", 1), ("maskd", "release", "loop", 8),
+    ("maskd", "release", "compiled", 1), ("maskd", "release", "compiled", 8),
+]
+READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist"}
+
+
+def measure(base: str, factor: str, kernel: str, avatars: int, device: str, repeats: int) -> dict:
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from akd_cli import AKDLoss
+    from akd_cli.core import fused
+
+    class Reads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.count = self.after = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in READS:
+                self.count, self.after = self.count + 1, 0
+            else:
+                self.after += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    options = dict(channels=16, num_levels=len(SHAPES), student_masks_after=1) if base == "maskd" else {}
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=factor, avatar_kernel=kernel,
+                      **options).to(device)
+    students = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
+    teachers = [torch.randn(s, device=device) for s in SHAPES]
+
+    def step():
+        loss_fn(students, teachers).backward()
+
+    for _ in range(3):  # compiles; MasKD reads its warm-up count once
+        step()
+    calls = {"n": 0}
+    for name, compiled in list(fused._compiled.items()):
+        def counted(*args, _compiled=compiled, **kwargs):
+            calls["n"] += 1
+            return _compiled(*args, **kwargs)
+        fused._compiled[name] = counted
+    step()
+    compiled_calls = calls["n"]
+    with Reads() as reads:
+        loss_fn.per_level(students, teachers)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return {"base": base, "factor": factor, "kernel": kernel, "avatars": avatars, "median_us": median * 1e6,
+            "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "compiled_calls": compiled_calls, "reads": reads.count,
+            "calls_after_last_read": reads.after}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--json")
+    parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.abspath(args.root))
+    rows = [measure(*configuration, device=args.device, repeats=args.repeats) for configuration in CONFIGURATIONS]
+    print("| base, factor | kernel | Avatars | host time per loss call (fwd+bwd), median [q1, q3] | compiled calls "
+          "| reads | torch calls after the last read |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['base']}, {row['factor']} | {row['kernel']} | {row['avatars']} | {row['median_us']:.0f} us "
+              f"[{row['q1_us']:.0f}, {row['q3_us']:.0f}] | {row['compiled_calls']} | {row['reads']} "
+              f"| {row['calls_after_last_read']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
