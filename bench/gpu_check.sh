@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # default: $OUT, else bench/gpu-out
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
+#   (parts: tests, train, host, core, profile; default "tests train host core")
 #
 # The core needs torch alone (with Triton, which CUDA builds of torch ship): no install. The
 # training step needs mmcv-full with CUDA ops and mmdet: where they do not import, the wheels in
@@ -16,13 +17,13 @@
 #
 # Files (at most seven, so that a device tool returning eight brings all back): log.txt (machine,
 # each part's exit and tables), tests.txt, core_<factor>.json, train_step.json, profile.txt,
-# errors.txt (every part's stderr). Each part has a time limit so that the later ones still run.
+# errors.txt (every part's stderr); the host part writes its table into log.txt. Each part has a time limit so that the later ones still run.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/gpu-out}}
 PY=${PYTHON:-python3}
 WHEELS=${AKD_WHEELS:-.whl}
-PARTS=${PARTS:-tests core train}
+PARTS=${PARTS:-tests train host core}
 FACTORS=${FACTORS:-paper release}
 PROFILES=${PROFILES:-0:loop 8:loop 8:compiled}   # Avatars:kernel, CWD with the paper's factor
 mkdir -p "$OUT_DIR"
@@ -50,7 +51,7 @@ if $PY -c "import mmcv.ops, mmdet" 2>> "$ERR"; then MM=1; say "mmcv-full and mmd
 part_tests() {
   part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
   timeout "${TESTS_LIMIT:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-      -k "avatar_passes or base_losses_on_the_gpu$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')" \
+      -k "avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')" \
       > "$OUT_DIR/tests.txt" 2>&1
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
 }
@@ -63,6 +64,12 @@ part_core() {
         2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
   done
+}
+
+part_host() {
+  part_start "host work per loss call: tiny five-level maps (bench/host_calls.py)"
+  timeout "${HOST_LIMIT:-240}" $PY bench/host_calls.py --device cuda --repeats 100 2>> "$ERR" | tee -a "$LOG"
+  part_end "${PIPESTATUS[0]}"
 }
 
 part_profile() {
@@ -87,7 +94,7 @@ part_train() {
 
 for part in $PARTS; do
   case $part in
-    tests|core|profile|train) "part_$part" ;;
-    *) say "unknown part $part (tests, core, profile, train)" ;;
+    tests|core|profile|train|host) "part_$part" ;;
+    *) say "unknown part $part (tests, core, profile, train, host)" ;;
   esac
 done
