@@ -121,6 +121,8 @@ def test_seeds_come_from_torchs_generator():
 # ------------------------------------------------------------------------------ fused = loop
 # from two Avatars: one Avatar goes the loop's way (one compiled kernel draws it; COMPILED_CASES)
 CASES = list(itertools.product(fused.FUSED_BASES, ("paper", "release", "none"), ("mean", "inverse_variance"), (2, 3)))
+# one Avatar: drawn by one kernel, with the paper's sigma from the statistics pass
+CASES += [("cwd", "paper", "mean", 1), ("maskd", "paper", "inverse_variance", 1), ("mse", "release", "mean", 1)]
 
 
 @pytest.mark.parametrize("base,uncertainty,weighting,avatars", CASES)
@@ -163,7 +165,8 @@ def test_one_seed_draw_one_keys_call_and_one_call_per_pass_serve_all_levels(monk
     assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_levels": 1, "cwd": 3}
     calls.clear()
     AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
-    assert calls == {"seed": 1, "keys": 1, "avatar": 6}  # one Avatar per level for the sigma, again for the loss
+    # one Avatar: its sigma from the statistics pass, then drawn (and stored) per level for the loss
+    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "avatar": 3}
 
 
 def test_compiled_passes_are_reproducible_under_a_seed():

@@ -168,6 +168,12 @@ class AKDLoss(nn.Module):
                 step.keys = [(seed_key[level], key[level], mult[level]) for level in range(len(teachers))]
                 if k > 1:
                     step.stats = self._statistics(teachers, step.keys)
+                elif self.uncertainty == "paper":
+                    # one Avatar: its sigma from the statistics pass (one call for all levels, the
+                    # Avatar unstored), not from drawing it for each level as the loop does
+                    step.inverse = self._inverse_sigmas(teachers, [stats["sigma_sum"] for stats in self._statistics(
+                        teachers, step.keys, sigma_only=True)], finite)
+                    return step
         if self.uncertainty == "paper":
             totals = ([stats["sigma_sum"] for stats in step.stats] if step.stats is not None
                       else self._sigma_totals(teachers, step))
@@ -235,13 +241,14 @@ class AKDLoss(nn.Module):
         seed = step.seeds[level] if step.seeds is not None else None
         return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
 
-    def _statistics(self, teachers: List[torch.Tensor], keys: list) -> List[dict]:
+    def _statistics(self, teachers: List[torch.Tensor], keys: list, sigma_only: bool = False) -> List[dict]:
         """The passes' first pass, over all levels in one call: the raw Avatars' statistics the
-        options need."""
+        options need (``sigma_only``: the paper's sum alone)."""
         base = self._base_for(0)  # one base loss class for all levels: the same statistics
         standardised = self.uncertainty == "release" and base.release_standardises_avatar
-        wanted = dict(sigma=self.uncertainty == "paper", per_avatar_channel=standardised or base.normalises_teacher,
-                      per_image_channel=self.weighting == "inverse_variance")
+        wanted = dict(sigma=self.uncertainty == "paper",
+                      per_avatar_channel=not sigma_only and (standardised or base.normalises_teacher),
+                      per_image_channel=not sigma_only and self.weighting == "inverse_variance")
         if not any(wanted.values()):
             return [{} for _ in teachers]
         with torch.no_grad(), float32_reductions(teachers[0]):
