@@ -168,15 +168,15 @@ class AKDLoss(nn.Module):
                 step.keys = [(seed_key[level], key[level], mult[level]) for level in range(len(teachers))]
                 if k > 1:
                     step.stats = self._statistics(teachers, step.keys)
-                elif self.uncertainty == "paper":
-                    # one Avatar: its sigma from the statistics pass (one call for all levels, the
-                    # Avatar unstored), not from drawing it for each level as the loop does
-                    step.inverse = self._inverse_sigmas(teachers, [stats["sigma_sum"] for stats in self._statistics(
-                        teachers, step.keys, sigma_only=True)], finite)
-                    return step
         if self.uncertainty == "paper":
-            totals = ([stats["sigma_sum"] for stats in step.stats] if step.stats is not None
-                      else self._sigma_totals(teachers, step))
+            if step.stats is not None:
+                totals = [stats["sigma_sum"] for stats in step.stats]
+            elif step.keys is not None:
+                # one Avatar through a kernel: its sigma from the statistics pass (one call for all
+                # levels, the Avatar unstored), not from drawing it once more per level
+                totals = [stats["sigma_sum"] for stats in self._statistics(teachers, step.keys, sigma_only=True)]
+            else:
+                totals = self._sigma_totals(teachers, step)
             step.inverse = self._inverse_sigmas(teachers, totals, finite)
         return step
 
