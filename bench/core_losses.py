@@ -3,12 +3,14 @@ plain (no Avatars) and with 1, 2, 4 and 8 Avatars, on the FPN feature shapes of 
 detector at 1333x800 (padded to 1344x800), batch 2: P3-P7, 256 channels.
 
 On CPU each configuration runs in a fresh process, so peak memory is that configuration's own
-(the growth of the process's peak RSS over its size once the features exist); on CUDA all run in
-one process, each measured by torch.cuda.max_memory_allocated over the same baseline after a reset.
+(the growth of the process's peak RSS during one step after warm-up, over its size before the step;
+Linux resets the peak through /proc/self/clear_refs, so a compiled kernel's compilation is not
+counted); on CUDA all run in one process, each measured by torch.cuda.max_memory_allocated over the
+memory allocated before the step, after a reset.
 
     python bench/core_losses.py [--device cpu|cuda] [--repeats 5] [--json out.json]
                                 [--uncertainty release|paper|none] [--bases cwd,mse] [--avatars 0,1,8]
-                                [--avatar-kernels loop,compiled]
+                                [--avatar-kernels loop,compiled] [--root OTHER_CHECKOUT]
 
 With several --avatar-kernels, each base loss gets one row per kernel, measured in the same run
 against the same plain loss (the kernels differ only with Avatars). The compiled kernel's first two
@@ -32,6 +34,35 @@ CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 SHAPES = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 25, 42), (2, 256, 13, 21), (2, 256, 7, 11)]
 BASES = ("cwd", "mse", "pkd", "mgd", "maskd", "fgd")
 AVATARS = (0, 1, 2, 4, 8)
+ROOT = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # where akd_cli is imported from (--root)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak(device: str) -> int:
+    """Start a peak measurement after warm-up (so a compiled kernel's compilation is not counted);
+    returns the baseline the peak is taken over. On the CPU, Linux resets a process's peak RSS
+    through /proc/self/clear_refs; elsewhere the peak is the process's whole (warm-up included)."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _peak_bytes(device: str) -> int:
@@ -40,8 +71,12 @@ def _peak_bytes(device: str) -> int:
     import torch
 
     if device == "cuda":
+        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str = "release",
@@ -49,7 +84,7 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
     """One configuration, in this process."""
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    sys.path.insert(0, ROOT[0])
     from akd_cli import AKDLoss
     from akd_cli.core import BASE_LOSSES
 
@@ -69,15 +104,11 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
         for s in student:
             s.grad = None
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = _peak_bytes(device) if device == "cuda" else _peak_bytes("cpu")
-    step()  # the first step is also the warm-up
+    step()  # warm-up
     if kernel != "loop":
         step()  # compilation may take two calls (a dynamic-shape recompile)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    before = _reset_peak(device)
+    step()
     peak = _peak_bytes(device) - before
     times = []
     for _ in range(repeats):
@@ -108,7 +139,7 @@ def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
 def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES, avatar_counts=AVATARS,
             kernels=("loop",)) -> list:
     common = ["--uncertainty", uncertainty, "--bases", ",".join(bases), "--avatars", ",".join(map(str, avatar_counts)),
-              "--avatar-kernels", ",".join(kernels)]
+              "--avatar-kernels", ",".join(kernels), "--root", ROOT[0]]
     if device == "cuda":
         # max_memory_allocated counts live tensors only (not the caching allocator's reserve), and
         # measure() resets it, so on CUDA one process serves every configuration.
@@ -166,7 +197,9 @@ def main() -> None:
     parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled")
     parser.add_argument("--one", nargs=3, metavar=("BASE", "AVATARS", "KERNEL"), help=argparse.SUPPRESS)
     parser.add_argument("--all-here", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=ROOT[0], help="import akd_cli from this checkout (another commit's worktree)")
     args = parser.parse_args()
+    ROOT[0] = os.path.abspath(args.root)
     bases = tuple(args.bases.split(","))
     counts = tuple(int(k) for k in args.avatars.split(","))
     kernels = tuple(args.avatar_kernels.split(","))

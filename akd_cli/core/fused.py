@@ -22,8 +22,9 @@ only the order of the sums over Avatars differs. Under float16 autocast the feat
 float16; these passes compute in float32 throughout (the loop path computes each Avatar in the
 feature's dtype), so the two agree to float16's precision, and no sum can overflow.
 
-A call of the loss makes three compiled calls, whatever its level count: the keys of all levels'
-Avatars (``counter_rng.avatar_keys``), then each pass over all levels at once (``levels``). Each
+A call of the loss makes four compiled calls, whatever its level count: the keys of all levels'
+Avatars (``counter_rng.avatar_keys``), the statistics of all levels at once (``levels``), then the
+terms of the first level and those of the others (``AKDLoss._fused_losses`` says why two). Each
 compiled call costs host time, and on a GPU the loss is bound by the host, not by bandwidth.
 
 These passes serve two Avatars or more. One Avatar goes the loop's way (AKDLoss._avatar): it is
@@ -203,11 +204,12 @@ _compiled: Dict[str, object] = {}
 
 
 def levels(name: str, compiled: bool):
-    """The pass ``name`` over all levels in one call, ``f(arguments, keywords)``: ``arguments`` holds
-    each level's positional arguments, ``keywords`` those all levels share. Each call of a compiled
-    function costs host time (guards, wrappers, launches: 100 to 250 us on an H100's host), and the
-    loss is bound by the host: one call per pass per step instead of one per level. One graph holds
-    every level's kernels (each level's sizes their own symbols); it compiles once per level count."""
+    """The pass ``name`` over several levels in one call, ``f(arguments, keywords)``: ``arguments``
+    holds each level's positional arguments, ``keywords`` those all levels share. Each call of a
+    compiled function costs host time (guards, wrappers, launches: 100 to 250 us on an H100's host),
+    and the loss is bound by the host: one call for several levels instead of one per level. One
+    graph holds every level's kernels (each level's sizes their own symbols); it compiles once per
+    level count."""
     return function(name + "_levels", compiled)
 
 
