@@ -25,7 +25,7 @@ PY=${PYTHON:-python3}
 WHEELS=${AKD_WHEELS:-.whl}
 PARTS=${PARTS:-tests train host core}
 FACTORS=${FACTORS:-paper release}
-PROFILES=${PROFILES:-0:loop 8:loop 8:compiled}   # Avatars:kernel, CWD with the paper's factor
+PROFILES=${PROFILES:-0:loop 8:loop 8:compiled 8:compiled:64}   # Avatars:kernel[:hash bits], CWD, paper's factor
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/log.txt"
 ERR="$OUT_DIR/errors.txt"
@@ -73,10 +73,11 @@ part_host() {
 }
 
 part_profile() {
-  part_start "profile: CWD, paper factor (Avatars:kernel = $PROFILES)"
+  part_start "profile: CWD, paper factor (Avatars:kernel[:hash bits] = $PROFILES)"
   for run in $PROFILES; do
+    IFS=: read -r avatars kernel bits <<< "$run"
     timeout "${PROFILE_LIMIT:-90}" $PY bench/profile_core.py --base cwd --uncertainty paper \
-        --avatars "${run%%:*}" --avatar-kernel "${run##*:}" >> "$OUT_DIR/profile.txt" 2>> "$ERR"
+        --avatars "$avatars" --avatar-kernel "$kernel" --hash-bits "${bits:-32}" >> "$OUT_DIR/profile.txt" 2>> "$ERR"
   done
   part_end $?
 }

@@ -1,7 +1,7 @@
 """Where a step of the AKD core spends its GPU time: torch.profiler's table of kernels for one
 configuration (R50-FPN shapes at 1333x800, batch 2, as bench/core_losses.py), after warm-up.
 
-    python bench/profile_core.py --base cwd --uncertainty paper --avatars 8 --avatar-kernel compiled
+    python bench/profile_core.py --base cwd --uncertainty paper --avatars 8 --avatar-kernel compiled [--hash-bits 64]
 """
 from __future__ import annotations
 
@@ -20,14 +20,18 @@ def main() -> None:
     parser.add_argument("--avatar-kernel", default="compiled")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--hash-bits", type=int, choices=(32, 64), default=32,
+                        help="the counter generator's hash width on CUDA (the same masks; 64: the int64 hash's cost)")
     args = parser.parse_args()
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from akd_cli import AKDLoss
-    from akd_cli.core import BASE_LOSSES
+    from akd_cli.core import BASE_LOSSES, counter_rng
     from core_losses import SHAPES
+
+    counter_rng.CUDA_HASH_BITS = args.hash_bits
 
     torch.manual_seed(0)
     kwargs = {"channels": 256, "num_levels": len(SHAPES)} if BASE_LOSSES[args.base].needs_channels else {}
@@ -48,7 +52,8 @@ def main() -> None:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    print(f"# {args.base}, {args.uncertainty} factor, {args.avatars} Avatars, {args.avatar_kernel}; "
+    print(f"# {args.base}, {args.uncertainty} factor, {args.avatars} Avatars, {args.avatar_kernel}, "
+          f"{args.hash_bits}-bit hash on CUDA; "
           f"{args.steps} steps (times are totals over them)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
