@@ -812,8 +812,7 @@ def test_ranks_take_the_paper_sigma_together_in_one_all_reduce(kernel):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import sigma_worker
+    import sigma_worker  # tests/ is on sys.path, as for test_cuda's imports of test_fused
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,8 +21,8 @@ the same bits (tests/test_fused.py checks that they agree):
   counter is an int32 arange, so a map of 2^31 elements or more (8 GiB in float32) takes int64.
 
 The keep test compares the top 24 bits with round(p * 2^24): the dropout rate is quantised to 2^-24
-(0.1 becomes 0.1000000238). Masks drawn so are not torch's: a run with avatar_rng="counter" draws other (equally
-distributed) Avatars than one with torch's dropout, as two seeds do.
+(0.1 becomes 0.1000000238). Masks drawn so are not torch's: a run with avatar_rng="counter" draws
+other (equally distributed) Avatars than one with torch's dropout, as two seeds do.
 """
 from __future__ import annotations
 
