@@ -183,9 +183,7 @@ class AKDLoss(nn.Module):
     def _level_loss(self, level: int, student: torch.Tensor, teacher: torch.Tensor, step: "_Step", **context):
         base = self._base_for(level)
         student = base.align_student(student)
-        scale = step.inverse[level]
-        if scale is not None:
-            scale = scale.view(1, -1, 1, 1).to(student.dtype)
+        scale = step.scale(level, student.dtype)
         prepared = base.prepare_student(self._student_under_factor(student, scale), **context)
         if self.num_avatars == 1:
             # One Avatar needs no weighting pass and no accumulator: its loss is the base loss on it.
@@ -282,12 +280,11 @@ class AKDLoss(nn.Module):
             stats = step.stats[level]
             standardised = self.uncertainty == "release" and base.release_standardises_avatar
             student = base.align_student(student)
+            scale = step.scale(level, student.dtype)
             with torch.no_grad(), float32_reductions(teacher):
-                affines, scale = [], None
-                if step.inverse[level] is not None:
-                    inverse = step.inverse[level].to(student.dtype)
-                    affines.append(("mul", None, inverse.view(1, c).expand(k, c)))
-                    scale = inverse.view(1, c, 1, 1)
+                affines = []
+                if scale is not None:
+                    affines.append(("mul", None, scale.view(1, c).expand(k, c)))
                 elif standardised:
                     affines.append(("div", stats["mean"], torch.sqrt(stats["var"] + RELEASE_BN_EPS)))
                 if base.normalises_teacher:
@@ -308,7 +305,6 @@ class AKDLoss(nn.Module):
             prepared.append(ready)
         with torch.no_grad(), float32_reductions(teachers[group[0]]):
             terms = fused_passes.levels(bases[0].teacher_pass, self.avatar_kernel == "compiled")(arguments, {})
-        arguments = None
         losses = []
         for level, base, ready, (phi_bar, constant) in zip(group, bases, prepared, terms):
             if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
@@ -422,6 +418,12 @@ class _Step:
         self.stats: Optional[list] = None             # per level, the passes' statistics (2+ Avatars)
         self.inverse: list = [None] * levels          # per level, the paper's 1 / sigma (C), or None
         self.replay: Optional[torch.Tensor] = None    # torch's generator state the Avatar draws resume from
+
+    def scale(self, level: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The paper's 1 / sigma of a level as the student and its Avatars are multiplied by it
+        (1 x C x 1 x 1, in ``dtype``), or None without that factor."""
+        inverse = self.inverse[level]
+        return None if inverse is None else inverse.to(dtype).view(1, -1, 1, 1)
 
     @contextlib.contextmanager
     def avatar_draws(self):
