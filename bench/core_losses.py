@@ -26,57 +26,12 @@ import subprocess
 import sys
 import time
 
-# glibc raises its mmap threshold after large frees and keeps later large buffers on the heap, so a
-# process's peak RSS would count freed memory. A fixed threshold returns large buffers to the OS on
-# free: peak RSS then follows the live tensors (CPU only; CUDA uses max_memory_allocated).
-CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+from memory import CPU_MEMORY_ENV, peak_bytes, reset_peak
 
 SHAPES = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 25, 42), (2, 256, 13, 21), (2, 256, 7, 11)]
 BASES = ("cwd", "mse", "pkd", "mgd", "maskd", "fgd")
 AVATARS = (0, 1, 2, 4, 8)
 ROOT = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # where akd_cli is imported from (--root)
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak(device: str) -> int:
-    """Start a peak measurement after warm-up (so a compiled kernel's compilation is not counted);
-    returns the baseline the peak is taken over. On the CPU, Linux resets a process's peak RSS
-    through /proc/self/clear_refs; elsewhere the peak is the process's whole (warm-up included)."""
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_bytes("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_bytes(device: str) -> int:
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    try:
-        return _status_bytes("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str = "release",
@@ -107,9 +62,9 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
     step()  # warm-up
     if kernel != "loop":
         step()  # compilation may take two calls (a dynamic-shape recompile)
-    before = _reset_peak(device)
+    before = reset_peak(device)
     step()
-    peak = _peak_bytes(device) - before
+    peak = peak_bytes(device) - before
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # default: $OUT, else bench/gpu-out
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
-#   (parts: tests, train, host, core, profile; default "tests train host core")
+#   (parts: tests, train, host, core, profile, goals; default "tests train host core goals")
 #
 # The core needs torch alone (with Triton, which CUDA builds of torch ship): no install. The
 # training step needs mmcv-full with CUDA ops and mmdet: where they do not import, the wheels in
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/gpu-out}}
 PY=${PYTHON:-python3}
 WHEELS=${AKD_WHEELS:-.whl}
-PARTS=${PARTS:-tests train host core}
+PARTS=${PARTS:-tests train host core goals}
 FACTORS=${FACTORS:-paper release}
 PROFILES=${PROFILES:-0:loop 8:loop 8:compiled 8:compiled:64}   # Avatars:kernel[:hash bits], CWD, paper's factor
 mkdir -p "$OUT_DIR"
@@ -93,9 +93,15 @@ part_train() {
   fi
 }
 
+part_goals() {
+  part_start "issue 15's goals, judged from this call's figures (bench/goals.py)"
+  $PY bench/goals.py "$OUT_DIR" 2>> "$ERR" | tee -a "$LOG"
+  part_end "${PIPESTATUS[0]}"
+}
+
 for part in $PARTS; do
   case $part in
-    tests|core|profile|train|host) "part_$part" ;;
-    *) say "unknown part $part (tests, core, profile, train, host)" ;;
+    tests|core|profile|train|host|goals) "part_$part" ;;
+    *) say "unknown part $part (tests, core, profile, train, host, goals)" ;;
   esac
 done

@@ -6,10 +6,11 @@ and AKD with 1, 4 and 8 Avatars. Random weights and a random batch (the cost doe
     python bench/train_step.py ... --avatar-kernels loop,compiled    # both Avatar kernels, side by side
 
 Step times: all configurations built in one process and timed round-robin (drift of a shared
-machine then falls on all alike), medians after a warm-up step. Peak memory: on the CPU a fresh
-process per configuration (growth of peak RSS once model and batch exist, with CPU_MEMORY_ENV); on
-CUDA in the same process (each configuration's resident tensors plus the max_memory_allocated of
-one step over what was allocated before it: cuda_peaks).
+machine then falls on all alike), medians after a warm-up step. Peak memory, each configuration's
+resident tensors (weights, buffers, optimizer state, batch) plus what one step after warm-up adds
+over the memory in use before it: on CUDA in the same process (max_memory_allocated: cuda_peaks),
+on the CPU in a fresh process per configuration (peak RSS reset after warm-up, with CPU_MEMORY_ENV:
+bench/memory.py), so that neither counts a compiled kernel's compilation.
 """
 from __future__ import annotations
 
@@ -21,10 +22,8 @@ import subprocess
 import sys
 import time
 
-# glibc raises its mmap threshold after large frees and keeps later large buffers on the heap, so a
-# process's peak RSS would count freed memory. A fixed threshold returns large buffers to the OS on
-# free: peak RSS then follows the live tensors (CPU only; CUDA uses max_memory_allocated).
-CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+from memory import CPU_MEMORY_ENV, peak_bytes, reset_peak
+
 
 def configurations(kernels=("loop",)):
     """(label, method, Avatars, kernel): the two plain configurations, then AKD per kernel."""
@@ -104,30 +103,23 @@ def cuda_peaks(steps: dict) -> dict:
     resident tensors plus what one step allocates on top (max_memory_allocated after a reset counts
     live tensors only, so the other configurations' resident tensors cancel out). This is what a
     process of its own would reach, less the CUDA context, without building every model again."""
-    import torch
-
     peaks = {}
     for name, step in steps.items():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        before = reset_peak("cuda")
         step()
-        peaks[name] = (step.resident() + torch.cuda.max_memory_allocated() - before) / 2 ** 20
+        peaks[name] = (step.resident() + peak_bytes("cuda") - before) / 2 ** 20
     return peaks
 
 
-def peak_memory(step, warmup: int) -> float:
-    """MiB that the first steps add to the process's peak RSS (the CPU's measure; CUDA's is
-    cuda_peaks)."""
-    import resource
-
-    def peak():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    before = peak()
+def peak_memory(step, warmup: int, device: str) -> float:
+    """MiB of a configuration's peak in a process of its own (the CPU's measure; CUDA's is
+    cuda_peaks, which it mirrors): its resident tensors plus what one step after warm-up adds to
+    the memory in use before it. Compilation in the warm-up steps is not counted (bench/memory.py)."""
     for _ in range(max(warmup, 1)):
         step()
-    return (peak() - before) / 2 ** 20
+    before = reset_peak(device)
+    step()
+    return (step.resident() + peak_bytes(device) - before) / 2 ** 20
 
 
 def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
@@ -208,7 +200,7 @@ def main() -> None:
         method = None if args.memory[0] == "preset" else args.memory[0]
         step = build_step(args.preset, method, int(args.memory[1]), width, height, args.batch, args.device,
                           args.memory[2])
-        print(json.dumps(peak_memory(step, args.warmup)))
+        print(json.dumps(peak_memory(step, args.warmup, args.device)))
         return
     if args.time_all:
         steps = {label: build_step(args.preset, method, avatars, width, height, args.batch, args.device, kernel)
