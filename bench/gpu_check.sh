@@ -17,7 +17,9 @@
 #
 # Files (at most seven, so that a device tool returning eight brings all back): log.txt (machine,
 # each part's exit and tables), tests.txt, core_<factor>.json, train_step.json, profile.txt,
-# errors.txt (every part's stderr); the host part writes its table into log.txt. Each part has a time limit so that the later ones still run.
+# errors.txt (every part's stderr); the host part writes its table into log.txt. Each part has a time limit so that the later ones still run,
+# and the whole call a budget (BUDGET, seconds, default 540: under a device call's 600): a part gets at most what is left of it,
+# and one that cannot start with 30 s left is reported as skipped, so a call ends on its own with its log complete.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/gpu-out}}
@@ -26,6 +28,7 @@ WHEELS=${AKD_WHEELS:-.whl}
 PARTS=${PARTS:-tests train host core goals}
 FACTORS=${FACTORS:-paper release}
 PROFILES=${PROFILES:-0:loop 8:loop 8:compiled 8:compiled:64}   # Avatars:kernel[:hash bits], CWD, paper's factor
+END=$(( $(date +%s) + ${BUDGET:-540} ))
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/log.txt"
 ERR="$OUT_DIR/errors.txt"
@@ -33,6 +36,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 say() { echo "$*" | tee -a "$LOG"; }
 part_start() { START=$(date +%s); say "== $1  ($(date -u +%H:%M:%S))"; echo "== $1" >> "$ERR"; }
 part_end() { say "-- exit $1 after $(( $(date +%s) - START )) s"; }
+# limit WANTED: the part's time limit, cut to what is left of the call's budget (10 s kept for the log)
+# (at least 1: `timeout 0` would mean no limit at all)
+limit() { local left=$(( END - $(date +%s) - 10 )); left=$(( $1 < left ? $1 : left )); echo $(( left > 1 ? left : 1 )); }
+has_time() { [ $(( END - $(date +%s) )) -ge 30 ] || { say "== $1: skipped, $(( END - $(date +%s) )) s left of BUDGET"; return 1; }; }
 
 {
   echo "commit: ${AKD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')}  date: $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -50,7 +57,7 @@ if $PY -c "import mmcv.ops, mmdet" 2>> "$ERR"; then MM=1; say "mmcv-full and mmd
 
 part_tests() {
   part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
-  timeout "${TESTS_LIMIT:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  timeout "$(limit "${TESTS_LIMIT:-240}")" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
       -k "avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')" \
       > "$OUT_DIR/tests.txt" 2>&1
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
@@ -58,8 +65,9 @@ part_tests() {
 
 part_core() {
   for factor in $FACTORS; do
+    has_time "core ($factor factor)" || continue
     part_start "core ($factor factor): CWD, MSE, MasKD with 0, 1 and 8 Avatars, loop and compiled"
-    timeout "${CORE_LIMIT:-200}" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
+    timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
         --bases cwd,mse,maskd --avatars 0,1,8 --avatar-kernels loop,compiled --json "$OUT_DIR/core_$factor.json" \
         2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
@@ -68,7 +76,7 @@ part_core() {
 
 part_host() {
   part_start "host work per loss call: tiny five-level maps (bench/host_calls.py)"
-  timeout "${HOST_LIMIT:-240}" $PY bench/host_calls.py --device cuda --repeats 100 2>> "$ERR" | tee -a "$LOG"
+  timeout "$(limit "${HOST_LIMIT:-240}")" $PY bench/host_calls.py --device cuda --repeats 100 2>> "$ERR" | tee -a "$LOG"
   part_end "${PIPESTATUS[0]}"
 }
 
@@ -76,7 +84,7 @@ part_profile() {
   part_start "profile: CWD, paper factor (Avatars:kernel[:hash bits] = $PROFILES)"
   for run in $PROFILES; do
     IFS=: read -r avatars kernel bits <<< "$run"
-    timeout "${PROFILE_LIMIT:-90}" $PY bench/profile_core.py --base cwd --uncertainty paper \
+    timeout "$(limit "${PROFILE_LIMIT:-90}")" $PY bench/profile_core.py --base cwd --uncertainty paper \
         --avatars "$avatars" --avatar-kernel "$kernel" --hash-bits "${bits:-32}" >> "$OUT_DIR/profile.txt" 2>> "$ERR"
   done
   part_end $?
@@ -85,7 +93,7 @@ part_profile() {
 part_train() {
   part_start "training step: fcos-r101-r50, 1333x800, batch 2, loop and compiled"
   if [ $MM = 1 ]; then
-    timeout "${TRAIN_LIMIT:-300}" $PY bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda \
+    timeout "$(limit "${TRAIN_LIMIT:-300}")" $PY bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda \
         --repeats 20 --avatar-kernels loop,compiled --json "$OUT_DIR/train_step.json" 2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
   else
@@ -101,7 +109,8 @@ part_goals() {
 
 for part in $PARTS; do
   case $part in
-    tests|core|profile|train|host|goals) "part_$part" ;;
+    goals) part_goals ;;
+    tests|core|profile|train|host) has_time "$part" && "part_$part" ;;
     *) say "unknown part $part (tests, core, profile, train, host, goals)" ;;
   esac
 done
