@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 from akd_cli import AKDLoss
 from akd_cli.core import BASE_LOSSES, make_avatar
 from akd_cli.core.losses import CWDLoss, FGDLoss, MasKDLoss, MGDLoss, MSELoss, PKDLoss
-from akd_cli.core.uncertainty import avatar_uncertainty
+from akd_cli.core.uncertainty import avatar_uncertainty, standardise
 
 CHANNELS, LEVELS = 8, 2
 
@@ -387,6 +387,39 @@ def test_release_maskd_aligns_then_standardises_and_masks_from_the_standardised_
         per_token = masked.sum((3, 4)) / mask.sum((2, 3)).unsqueeze(-1)         # N x T x C
         expected = expected + (per_token.mean(-1) * loss.tokens.weights(y_t)).sum(-1).mean()
     assert got.item() == pytest.approx(7.0 * expected.item(), rel=1e-5)
+
+
+def test_standardise_is_the_releases_batchnorm_forward_and_backward():
+    """The release's nn.BatchNorm2d(C, affine=False) in training mode, values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, CHANNELS, 7, 5, generator=g) * 4 + 1).requires_grad_()
+    ours = standardise(x)
+    theirs = torch.nn.BatchNorm2d(CHANNELS, affine=False).train()(x)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(ours, _release_bn(x), rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(x.shape, generator=g)
+    got, = torch.autograd.grad(ours, x, upstream)
+    expected, = torch.autograd.grad(_release_bn(x), x, upstream)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["cwd", "mgd", "maskd"])
+def test_release_factor_on_one_value_per_channel(base):
+    """One image and a 1 x 1 map (a small image's coarsest level): the formula's 0, where batch norm
+    in training mode refuses a single value per channel."""
+    x = torch.randn(1, CHANNELS, 1, 1, requires_grad=True)
+    out = standardise(x)
+    assert torch.equal(out, torch.zeros_like(x))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    student, teacher = features(n=1)
+    student.append(torch.randn(1, CHANNELS, 1, 1, requires_grad=True))
+    teacher.append(torch.randn(1, CHANNELS, 1, 1))
+    akd = AKDLoss(base=base, num_avatars=1, uncertainty="release",
+                  **({"channels": CHANNELS, "num_levels": 3} if BASE_LOSSES[base].needs_channels else {}))
+    loss = akd(student, teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(s.grad).all() for s in student)
 
 
 @pytest.mark.parametrize("base", ["mgd", "maskd", "mse", "pkd", "cwd"])
