@@ -8,6 +8,7 @@ from torch.overrides import TorchFunctionMode
 
 from akd_cli import AKDLoss
 from akd_cli.core import BASE_LOSSES, make_avatar
+from akd_cli.core.akd import _all_finite
 from akd_cli.core.losses import CWDLoss, FGDLoss, MasKDLoss, MGDLoss, MSELoss, PKDLoss
 from akd_cli.core.uncertainty import avatar_uncertainty, standardise
 
@@ -748,12 +749,30 @@ def test_mismatched_level_counts_and_shapes_name_the_level():
         AKDLoss(base="mgd", channels=CHANNELS, num_levels=2)(student[:1], teacher[:1])
 
 
-def test_non_finite_features_name_the_level_and_role():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("role, level, where", [("teacher", 1, (0, 0, 0, 0)), ("student", 0, (1, 7, 11, 9)),
+                                                ("teacher", 0, (1, 3, 5, 2))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_features_name_the_level_and_role(value, role, level, where, dtype):
     student, teacher = features()
-    teacher[1] = teacher[1].clone()
-    teacher[1][0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"level 1: teacher feature of shape \(2, 8, 6, 5\) holds non-finite"):
-        AKDLoss()(student, teacher)
+    student, teacher = [s.detach().to(dtype) for s in student], [t.to(dtype) for t in teacher]
+    chosen = student if role == "student" else teacher
+    chosen[level][where] = value
+    shape = re.escape(str(tuple(chosen[level].shape)))
+    with pytest.raises(ValueError, match=rf"level {level}: {role} feature of shape {shape} holds non-finite"):
+        AKDLoss(base="mse")(student, teacher)
+
+
+@pytest.mark.parametrize("dtype, peak", [(torch.float32, 3.0e38), (torch.float16, 65504.0)])
+def test_the_largest_finite_features_are_finite(dtype, peak):
+    """The check takes each map's minimum and maximum: finite however large, if every element is."""
+    student, teacher = features(requires_grad=False)
+    student, teacher = [s.to(dtype) for s in student], [t.to(dtype) for t in teacher]
+    teacher[0][0, 0, 0, 0], student[1][1, 2, 3, 4] = peak, -peak
+    assert bool(_all_finite(student + teacher))
+    assert len(AKDLoss(base="mse", num_avatars=0).per_level(student, teacher)) == LEVELS  # and no error
+    student[1][1, 2, 3, 1] = float("inf")
+    assert not bool(_all_finite(student + teacher))
 
 
 class _DeviceReads(TorchFunctionMode):

@@ -205,3 +205,25 @@ def test_gpu_dropout_masks_equal_the_cpus_eager_and_compiled():
         teacher = torch.randn(shape)
         compiled = fused.function("avatar", True)(teacher.cuda(), tuple(x[:1] for x in on_gpu), p)
         assert torch.equal(compiled.cpu(), fused.one_avatar(teacher, tuple(x[:1] for x in keys), p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_features_on_the_gpu_raise_and_finite_ones_do_not(dtype):
+    """The finiteness check is one min-max reduction per map (AKDLoss's _all_finite): on the GPU too,
+    NaN and either infinity anywhere in a map must make it fail, and the extreme finite values not."""
+    from akd_cli.core.akd import _all_finite
+
+    shapes = [(2, 256, 100, 168), (2, 256, 7, 11)]
+    students = [torch.randn(s, device="cuda", dtype=dtype) for s in shapes]
+    teachers = [torch.randn(s, device="cuda", dtype=dtype) for s in shapes]
+    teachers[0][0, 0, 0, 0], teachers[1][1, 5, 6, 7] = torch.finfo(dtype).max, torch.finfo(dtype).min
+    assert bool(_all_finite(students + teachers))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0, 0, 0), (1, 255, 99, 167), (1, 77, 50, 3)):
+            broken = students[0].clone()
+            broken[where] = value
+            assert not bool(_all_finite([broken] + students[1:] + teachers)), (value, where)
+        broken = teachers[1].clone()
+        broken[1, 128, 6, 10] = value
+        with pytest.raises(ValueError, match="level 1: teacher feature"):
+            AKDLoss(base="mse", num_avatars=1).cuda()(students, [teachers[0], broken])

@@ -125,7 +125,7 @@ class AKDLoss(nn.Module):
         not updated from such a call."""
         students, teachers = self._validate(student, teacher)
         teachers = [t.detach() for t in teachers]
-        finite = torch.stack([torch.isfinite(x).all() for x in students + teachers]).all()
+        finite = _all_finite(students + teachers)
         if self.num_avatars == 0:
             losses = [self._base_for(i)(s, t, **context) for i, (s, t) in enumerate(zip(students, teachers))]
         else:
@@ -441,13 +441,26 @@ class _Step:
             _set_rng_state(self.device, main)
 
 
+def _all_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of every tensor is finite, as a 0-d bool tensor on their device (not
+    read here). One reduction per tensor, its minimum and maximum (``aminmax``): NaN propagates
+    through both (torch's MinMaxOps, shared by the CPU and CUDA), -inf shows in the minimum, +inf
+    in the maximum, and neither can overflow. ``isfinite(x).all()`` took five kernels and four
+    passes over each feature map (isfinite is itself eq, abs, ne and and): on the CPU, 16% of the
+    time of an MSE loss with one Avatar on ResNet-50 FPN shapes, some 50 times this check's."""
+    ends = [end for x in tensors if x.numel() for end in torch.aminmax(x)]
+    if not ends:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.isfinite(torch.stack(ends)).all()
+
+
 def _raise_if_not_finite(finite: torch.Tensor, students: List[torch.Tensor], teachers: List[torch.Tensor]) -> None:
     # The call's one read from the device; the culprit is searched only when something is wrong.
     if bool(finite):
         return
     for i, (s, t) in enumerate(zip(students, teachers)):
         for role, x in (("student", s), ("teacher", t)):
-            if not bool(torch.isfinite(x).all()):
+            if not bool(_all_finite([x])):
                 raise ValueError(f"level {i}: {role} feature of shape {tuple(x.shape)} holds non-finite values")
 
 
