@@ -7,10 +7,14 @@ that a shared machine's drift falls on both.
   against the formula written out (var_mean, subtract, divide: akd's code before 3a44e1e); one
   Avatar and the release's factor (the presets' setting).
 - ``finite``: the loss's finiteness check as one min-max reduction per map (``akd._all_finite``)
-  against ``isfinite(x).all()`` per map (before the commit after 020dc0f); the plain loss and one
-  Avatar with the release's factor.
+  against ``isfinite(x).all()`` per map (before 3469b7d); the plain loss and one Avatar with the
+  release's factor.
+- ``squared-error``: MSE's (MGD's, PKD's) loss against one teacher as the squared error alone
+  (``MSELoss.per_image``) against the fused form with its spread, exactly 0 there (before the
+  commit after 8e24c19); the plain loss and one Avatar with the release's factor.
 
-    python bench/loss_pieces.py --piece standardise|finite [--shapes tiny|r50] [--repeats 200] [--bases maskd,cwd,mgd]
+    python bench/loss_pieces.py --piece standardise|finite|squared-error [--shapes tiny|r50] [--repeats 200]
+                                [--bases maskd,cwd,mgd]
 
 ``tiny``: five small FPN levels (2 x 16 channels, 32x32 down to 2x2), where the time is the host's
 (bench/host_calls.py's maps); ``r50``: ResNet-50 FPN shapes at 1333x800, batch 2 (bench/core_losses.py's).
@@ -48,7 +52,7 @@ def isfinite_all(tensors):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--piece", choices=("standardise", "finite"), default="standardise")
+    parser.add_argument("--piece", choices=("standardise", "finite", "squared-error"), default="standardise")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--bases", default="maskd,cwd,mgd")
@@ -59,12 +63,14 @@ def main() -> None:
     import akd_cli.core.akd as akd_module
     from akd_cli import AKDLoss
     from akd_cli.core import BASE_LOSSES
+    from akd_cli.core.losses import BaseLoss, MSELoss
 
-    attribute, old, old_name, new_name, avatar_counts = {
-        "standardise": ("standardise", formula, "formula", "batch norm", (1,)),
-        "finite": ("_all_finite", isfinite_all, "isfinite", "aminmax", (0, 1)),
+    owner, attribute, old, old_name, new_name, avatar_counts = {
+        "standardise": (akd_module, "standardise", formula, "formula", "batch norm", (1,)),
+        "finite": (akd_module, "_all_finite", isfinite_all, "isfinite", "aminmax", (0, 1)),
+        "squared-error": (MSELoss, "per_image", BaseLoss.per_image, "fused form", "squared error", (0, 1)),
     }[args.piece]
-    new = getattr(akd_module, attribute)
+    new = owner.__dict__[attribute]
     shapes = SHAPES[args.shapes]
     print(f"| base | Avatars | {old_name} | {new_name} | change |\n|---|---|---|---|---|")
     for base in args.bases.split(","):
@@ -87,16 +93,16 @@ def main() -> None:
             try:
                 for _ in range(2):  # warm-up, both ways
                     for _, way in ways:
-                        setattr(akd_module, attribute, way)
+                        setattr(owner, attribute, way)
                         step()
                 for _ in range(args.repeats):
                     for name, way in ways:
-                        setattr(akd_module, attribute, way)
+                        setattr(owner, attribute, way)
                         start = time.perf_counter()
                         step()
                         times[name].append(time.perf_counter() - start)
             finally:
-                setattr(akd_module, attribute, new)
+                setattr(owner, attribute, new)
             before, after = (1000 * statistics.median(times[name]) for name, _ in ways)
             print(f"| {base} | {avatars} | {before:.2f} ms | {after:.2f} ms | {100 * (after / before - 1):+.1f}% |")
 

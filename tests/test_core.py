@@ -284,6 +284,22 @@ def test_fgd_needs_boxes():
 
 # --- equivalences -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("base", ["mse", "mgd", "pkd"])
+def test_one_teachers_squared_error_is_the_fused_form_bit_for_bit(base):
+    """MSE, MGD and PKD take one teacher (the plain loss, one Avatar) without the fused form's spread,
+    which is exactly 0 there: the same values and gradients, to the bit."""
+    student, teacher = features()
+    loss = AKDLoss(base=base, num_avatars=0, **base_kwargs(base)).base_losses[0]
+    torch.manual_seed(0)
+    prepared = loss.prepare_student(student[0])
+    direct = loss.per_image(prepared, teacher[0])
+    fused = loss.fused(prepared, *loss.target(prepared, teacher[0]))
+    assert torch.equal(direct, fused)
+    upstream = torch.rand(direct.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.autograd.grad(direct, student[0], upstream, retain_graph=True)[0],
+                       torch.autograd.grad(fused, student[0], upstream)[0])
+
+
 @pytest.mark.parametrize("base", sorted(BASE_LOSSES))
 def test_no_avatars_is_the_plain_base_loss(base):
     student, teacher = features()

@@ -131,6 +131,15 @@ class MSELoss(BaseLoss):
     def transform_teacher(self, teacher: torch.Tensor) -> torch.Tensor:
         return teacher
 
+    def per_image(self, prepared, teacher, **context):
+        # One teacher (the plain loss, or one Avatar): the fused form's spread is exactly 0 (the same
+        # row-wise dot product subtracted from itself), so its two passes over the teacher are skipped.
+        return self._squared_error(prepared, self.transform_teacher(teacher)) * self._scale(prepared)
+
+    @staticmethod
+    def _squared_error(prepared, reference):
+        return (prepared - reference).float().pow(2).flatten(1).sum(dim=1)  # float32: fp16 sums overflow
+
     def target(self, prepared, teacher, **context):
         phi = self.transform_teacher(teacher)
         flat = phi.flatten(1)
@@ -139,7 +148,7 @@ class MSELoss(BaseLoss):
     def fused(self, prepared, phi, constant, **context):
         flat = phi.flatten(1)
         spread = (constant - _rowwise_dot(flat, flat).double()).clamp_min(0.0)
-        squared = (prepared - phi).float().pow(2).flatten(1).sum(dim=1)  # float32: fp16 sums overflow
+        squared = self._squared_error(prepared, phi)
         return (squared + spread.to(squared.dtype)) * self._scale(prepared)
 
 
