@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from memory import CPU_MEMORY_ENV, peak_bytes, reset_peak
+from memory import CPU_MEMORY_ENV, step_peak
 
 SHAPES = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 25, 42), (2, 256, 13, 21), (2, 256, 7, 11)]
 BASES = ("cwd", "mse", "pkd", "mgd", "maskd", "fgd")
@@ -62,9 +62,7 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
     step()  # warm-up
     if kernel != "loop":
         step()  # compilation may take two calls (a dynamic-shape recompile)
-    before = reset_peak(device)
-    step()
-    peak = peak_bytes(device) - before
+    peak = step_peak(step, device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

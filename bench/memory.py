@@ -24,7 +24,7 @@ def _status_bytes(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def reset_peak(device: str) -> int:
+def _reset_peak(device: str) -> int:
     """Start a peak measurement; returns the bytes in use now, which the peak is taken over."""
     import torch
 
@@ -40,8 +40,8 @@ def reset_peak(device: str) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_bytes(device: str) -> int:
-    """The peak since ``reset_peak`` (bytes)."""
+def _peak_bytes(device: str) -> int:
+    """The peak since ``_reset_peak`` (bytes)."""
     import torch
 
     if device == "cuda":
@@ -51,3 +51,10 @@ def peak_bytes(device: str) -> int:
         return _status_bytes("VmHWM")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def step_peak(step, device: str) -> int:
+    """Bytes that one call of ``step`` adds at its peak over the memory in use before it."""
+    before = _reset_peak(device)
+    step()
+    return _peak_bytes(device) - before

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from memory import CPU_MEMORY_ENV, peak_bytes, reset_peak
+from memory import CPU_MEMORY_ENV, step_peak
 
 
 def configurations(kernels=("loop",)):
@@ -103,12 +103,7 @@ def cuda_peaks(steps: dict) -> dict:
     resident tensors plus what one step allocates on top (max_memory_allocated after a reset counts
     live tensors only, so the other configurations' resident tensors cancel out). This is what a
     process of its own would reach, less the CUDA context, without building every model again."""
-    peaks = {}
-    for name, step in steps.items():
-        before = reset_peak("cuda")
-        step()
-        peaks[name] = (step.resident() + peak_bytes("cuda") - before) / 2 ** 20
-    return peaks
+    return {name: (step.resident() + step_peak(step, "cuda")) / 2 ** 20 for name, step in steps.items()}
 
 
 def peak_memory(step, warmup: int, device: str) -> float:
@@ -117,9 +112,7 @@ def peak_memory(step, warmup: int, device: str) -> float:
     the memory in use before it. Compilation in the warm-up steps is not counted (bench/memory.py)."""
     for _ in range(max(warmup, 1)):
         step()
-    before = reset_peak(device)
-    step()
-    return (step.resident() + peak_bytes(device) - before) / 2 ** 20
+    return (step.resident() + step_peak(step, device)) / 2 ** 20
 
 
 def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
