@@ -25,14 +25,6 @@ CORE_GOAL = 1.5                     # at most this multiple of the plain loss's 
 CORE_BASES = ("cwd", "mse", "maskd")
 
 
-def _kernel(label: str) -> str:
-    return label[label.index("(") + 1:label.index(")")] if "(" in label else "loop"
-
-
-def _avatars(label: str) -> int:
-    return int(label.split()[1]) if label.startswith("AKD") else 0
-
-
 def step_rows(rows: list) -> list:
     """(goal, result, verdict) rows of the training step's goals."""
     base = next((r for r in rows if r["label"] == "base loss"), None)
@@ -40,7 +32,7 @@ def step_rows(rows: list) -> list:
         return [("training step", "no base-loss row", "not measured")]
     out = []
     for avatars, limit in STEP_GOALS:
-        found = [(r, 100 * (r["ms"] / base["ms"] - 1)) for r in rows if _avatars(r["label"]) == avatars]
+        found = [(r, 100 * (r["ms"] / base["ms"] - 1)) for r in rows if r["avatars"] == avatars]
         if not found:
             out.append((f"{avatars} Avatar(s) at most +{limit:g}% step time", "-", "not measured"))
             continue
@@ -48,14 +40,14 @@ def step_rows(rows: list) -> list:
         for r, change in found:
             q = r.get("ms_quartiles")
             spread = f", quartiles {q[0]:.0f}-{q[1]:.0f} ms" if q else ""
-            cells.append(f"{_kernel(r['label'])} {change:+.1f}% ({r['ms']:.1f} ms{spread})")
+            cells.append(f"{r['kernel']} {change:+.1f}% ({r['ms']:.1f} ms{spread})")
         best = min(found, key=lambda item: item[1])
         q = base.get("ms_quartiles")
         cells.append(f"base {base['ms']:.1f} ms" + (f", quartiles {q[0]:.0f}-{q[1]:.0f} ms" if q else ""))
-        verdict = f"met ({_kernel(best[0]['label'])})" if best[1] <= limit else "not met"
+        verdict = f"met ({best[0]['kernel']})" if best[1] <= limit else "not met"
         out.append((f"{avatars} Avatar{'s' if avatars > 1 else ''} at most +{limit:g}% step time", "; ".join(cells),
                     verdict))
-    changes = [(r, 100 * (r["peak_mib"] / base["peak_mib"] - 1)) for r in rows if _avatars(r["label"]) > 0]
+    changes = [(r, 100 * (r["peak_mib"] / base["peak_mib"] - 1)) for r in rows if r["avatars"] > 0]
     if changes:
         worst = max(changes, key=lambda item: item[1])
         out.append((f"peak memory at most +{MEMORY_GOAL:g}%",

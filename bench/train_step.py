@@ -147,7 +147,8 @@ def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeat
     for label, method, avatars, kernel in configurations(kernels):
         peak = measured["peaks"][label] if device == "cuda" else _peak_in_fresh_process(common, method, avatars, kernel,
                                                                                         device)
-        rows.append({"label": label, "ms": times[label], "ms_quartiles": quartiles[label], "peak_mib": peak})
+        rows.append({"label": label, "avatars": avatars, "kernel": kernel, "ms": times[label],
+                     "ms_quartiles": quartiles[label], "peak_mib": peak})
         print(f"  {label:>16}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows
 
