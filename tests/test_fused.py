@@ -72,7 +72,7 @@ def _assert_same(reference, other, rtol=RTOL):
 # ---------------------------------------------------------------------------------- generator
 def test_counter_masks_keep_the_rate_and_are_independent_across_avatars_and_positions():
     seed, p, n = torch.tensor(12345), 0.1, 200_000
-    keep = counter_rng.keep_mask((n,), counter_rng.avatar_keys(seed, torch.arange(4)), p).double()
+    keep = counter_rng.keep_mask((n,), counter_rng.avatar_keys(seed, torch.arange(4)), counter_rng.Drop.of(p)).double()
     bound = 5 * math.sqrt(p * (1 - p) / n)                    # 5 standard errors
     for k in range(4):
         assert abs(keep[k].mean().item() - (1 - p)) < bound
@@ -89,7 +89,8 @@ def test_counter_masks_are_a_function_of_seed_avatar_and_position():
     assert torch.equal(first, again)
     assert not torch.equal(first, make_avatar(teacher, seed=seed, index=2))
     assert not torch.equal(first, make_avatar(teacher, seed=seed + 1, index=3))
-    everything = fused.raw_avatars(teacher, counter_rng.avatar_keys(seed, fused.avatar_indices(5, seed.device)), 0.1)
+    everything = fused.raw_avatars(teacher, counter_rng.avatar_keys(seed, fused.avatar_indices(5, seed.device)),
+                                    counter_rng.Drop.of(0.1))
     assert torch.equal(everything[3], first), "the fused passes and the loop draw the same Avatar"
     kept = first != 0
     assert torch.allclose(first[kept], teacher[kept] / 0.9)
@@ -103,9 +104,9 @@ def test_the_gpus_wrapping_int32_hash_gives_the_cpus_int64_bits(shape):
     g = torch.Generator().manual_seed(len(shape))
     for seed in torch.randint(counter_rng.SEED_HIGH, (3,), generator=g).tolist() + [0, counter_rng.SEED_HIGH - 1]:
         keys = counter_rng.avatar_keys(torch.tensor(seed), torch.arange(5))
-        for p in (0.1, 0.5, 0.9):
-            wide = counter_rng.keep_mask(shape, keys, p, bits=64)
-            assert torch.equal(counter_rng.keep_mask(shape, keys, p, bits=32), wide)
+        for drop in map(counter_rng.Drop.of, (0.1, 0.5, 0.9)):
+            wide = counter_rng.keep_mask(shape, keys, drop, bits=64)
+            assert torch.equal(counter_rng.keep_mask(shape, keys, drop, bits=32), wide)
     x = torch.randint(0, 2 ** 32, (100_000,), generator=g, dtype=torch.int64)
     as_int32 = counter_rng.mix32_wrapping(x.to(torch.int32)).to(torch.int64) & 0xFFFFFFFF
     assert torch.equal(as_int32, counter_rng.mix32(x))
@@ -170,6 +171,17 @@ def test_one_seed_draw_one_keys_call_and_few_calls_per_pass_serve_all_levels(mon
     assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "avatar": 3}
 
 
+@pytest.mark.parametrize("avatars", [1, 3])
+def test_compiled_passes_draw_at_each_calls_own_drop_rate(avatars):
+    """One process, three drop rates: the compiled passes (one Avatar's kernel, or the statistics and
+    terms passes) must draw each rate's Avatars. The keep threshold, once computed inside them from
+    the float rate, made dynamo specialise on the rate, and inductor's FX graph cache then gave the
+    recompilation for the second rate the first one's code: the loss went on at 0.3 (counter_rng.Drop)."""
+    for p in (0.3, 0.1, 0.5):
+        _assert_same(_steps("loop", "mse", "paper", "mean", avatars, steps=1, drop_rate=p),
+                     _steps("compiled", "mse", "paper", "mean", avatars, steps=1, drop_rate=p))
+
+
 def test_compiled_passes_are_reproducible_under_a_seed():
     assert _steps("compiled", "cwd", "paper", "mean", 4)[0] == _steps("compiled", "cwd", "paper", "mean", 4)[0]
 
@@ -204,13 +216,14 @@ def test_compiled_passes_store_no_avatar(name):
     keys = counter_rng.avatar_keys(torch.tensor(5), torch.arange(k))
     affines = [("mul", None, torch.rand(k, c) + 0.5)]
     weights = torch.rand(k, n) + 0.5
-    arguments = {"statistics": (teacher, keys, 0.1, True, True, True),
-                 "cwd": (teacher, keys, 0.1, affines, weights, 1.0, 0.1),
-                 "mse": (teacher, keys, 0.1, affines, weights),
-                 "maskd": (teacher, keys, 0.1, affines, weights, ReceptiveTokens(c, 6), None),
+    drop = counter_rng.Drop.of(0.1)
+    arguments = {"statistics": (teacher, keys, drop, True, True, True),
+                 "cwd": (teacher, keys, drop, affines, weights, 1.0, 0.1),
+                 "mse": (teacher, keys, drop, affines, weights),
+                 "maskd": (teacher, keys, drop, affines, weights, ReceptiveTokens(c, 6), None),
                  # two levels in one call, as AKDLoss makes it: each level's Avatars unstored too
-                 "cwd_levels": ([(teacher, keys, 0.1, affines, weights, 1.0, 0.1),
-                                 (torch.randn(n, c, h // 2, w), keys, 0.1, affines, weights, 1.0, 0.1)], {})}[name]
+                 "cwd_levels": ([(teacher, keys, drop, affines, weights, 1.0, 0.1),
+                                 (torch.randn(n, c, h // 2, w), keys, drop, affines, weights, 1.0, 0.1)], {})}[name]
     compiled = torch.compile(fused.FUNCTIONS[name], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
     with torch.no_grad():
         result, codes = run_and_get_code(compiled, *arguments)

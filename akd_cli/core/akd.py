@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from akd_cli.core import fused as fused_passes
 from akd_cli.core.avatars import make_avatar
-from akd_cli.core.counter_rng import draw_seed
+from akd_cli.core.counter_rng import Drop, draw_seed
 from akd_cli.core.losses import build_base_losses
 from akd_cli.core.precision import float32_reductions
 from akd_cli.core.uncertainty import (RELEASE_BN_EPS, AvatarWeigher, inverse_sigma, squared_difference_per_channel,
@@ -235,7 +235,7 @@ class AKDLoss(nn.Module):
         if step.keys is not None:
             seed_key, key, mult = step.keys[level]
             keys = (seed_key, key[index:index + 1], mult[index:index + 1])
-            return fused_passes.function("avatar", self.avatar_kernel == "compiled")(teacher, keys, self.drop_rate)
+            return fused_passes.function("avatar", self.avatar_kernel == "compiled")(teacher, keys, Drop.of(self.drop_rate))
         seed = step.seeds[level] if step.seeds is not None else None
         return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
 
@@ -251,7 +251,7 @@ class AKDLoss(nn.Module):
             return [{} for _ in teachers]
         with torch.no_grad(), float32_reductions(teachers[0]):
             return fused_passes.levels("statistics", self.avatar_kernel == "compiled")(
-                [(teacher, level_keys, self.drop_rate) for teacher, level_keys in zip(teachers, keys)], wanted)
+                [(teacher, level_keys, Drop.of(self.drop_rate)) for teacher, level_keys in zip(teachers, keys)], wanted)
 
     def _fused_losses(self, students: List[torch.Tensor], teachers: List[torch.Tensor], step: "_Step",
                       **context) -> List[torch.Tensor]:
@@ -272,7 +272,7 @@ class AKDLoss(nn.Module):
 
     def _fused_group(self, group: List[int], students: List[torch.Tensor], teachers: List[torch.Tensor],
                      step: "_Step", **context) -> List[torch.Tensor]:
-        k, p = self.num_avatars, self.drop_rate
+        k, drop = self.num_avatars, Drop.of(self.drop_rate)
         bases, prepared, arguments = [], [], []
         for level in group:
             base, student, teacher = self._base_for(level), students[level], teachers[level]
@@ -300,7 +300,7 @@ class AKDLoss(nn.Module):
                              if base._with_student_masks else None)
                 else:
                     extra = ()
-            arguments.append((teacher, step.keys[level], p, affines, weights) + extra)
+            arguments.append((teacher, step.keys[level], drop, affines, weights) + extra)
             bases.append(base)
             prepared.append(ready)
         with torch.no_grad(), float32_reductions(teachers[group[0]]):

@@ -37,8 +37,8 @@ def make_avatar(teacher: torch.Tensor, perturbation: str = "dropout", drop_rate:
             raise ValueError(f"the counter-based generator draws dropout Avatars, not {perturbation!r}")
         # filled on the device: torch.tensor would be a blocking host-to-GPU copy, i.e. a sync
         keys = counter_rng.avatar_keys(seed, torch.full((), index, device=teacher.device, dtype=torch.int64))
-        keep = counter_rng.keep_mask(teacher.shape, keys, drop_rate)
-        return counter_rng.dropout(teacher, keep, drop_rate)
+        drop = counter_rng.Drop.of(drop_rate)
+        return counter_rng.dropout(teacher, counter_rng.keep_mask(teacher.shape, keys, drop), drop)
     if perturbation == "dropout":
         return F.dropout(teacher, p=drop_rate, training=True)
     if perturbation == "channel":

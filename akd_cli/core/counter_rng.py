@@ -26,7 +26,7 @@ other (equally distributed) Avatars than one with torch's dropout, as two seeds 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -62,6 +62,24 @@ def threshold(drop_rate: float) -> int:
     return int(round(float(drop_rate) * (1 << 24)))
 
 
+class Drop(NamedTuple):
+    """A dropout rate as the masks and the compiled passes take it: the rate (the survivors' scale,
+    1 / (1 - rate)) and its keep threshold, the latter computed here, in plain Python.
+
+    Computed inside a compiled function from a float argument, the threshold made dynamo
+    specialise on the rate (a guard ``round(2^24 * rate) == t``) while the rate stayed a graph
+    input; inductor's FX graph cache then handed a recompilation for another rate the code of the
+    first, in the same process and in any later one sharing the cache: Avatars drawn at the first
+    rate, silently (torch 2.11 and 2.13; tests/test_fused.py holds the case). As an int argument
+    the threshold is a kernel argument like the rate, with no guard to lose."""
+    rate: float
+    threshold: int
+
+    @classmethod
+    def of(cls, rate: float) -> "Drop":
+        return cls(float(rate), threshold(rate))
+
+
 def mix32_wrapping(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 on int32 tensors holding uint32 bits: products wrap mod 2^32; the masks after each
     right shift clear what the sign bit copied in (logical shifts); the second multiplier is
@@ -83,15 +101,16 @@ def hash_bits(device: torch.device) -> int:
     return CUDA_HASH_BITS if device.type == "cuda" else 64
 
 
-def keep_mask(shape, keys, drop_rate: float, bits: Optional[int] = None) -> torch.Tensor:
+def keep_mask(shape, keys, drop: Drop, bits: Optional[int] = None) -> torch.Tensor:
     """Keep bits of shape ``K + shape`` for ``keys = avatar_keys(seed, indices)`` (K = indices' shape).
 
     Element i of Avatar k is kept iff the top 24 bits of ((h_i ^ key_k) * mult_k) mod 2^32 reach
-    round(p * 2^24), with h_i = mix32(i ^ seed_key): probability 1 - p. Each step is a bijection of
-    a uniform value, and no value is used twice after the element hash: a compiler computes each
-    Avatar's bit in registers (deeper xorshift chains per Avatar made inductor store a K-fold
-    intermediate, or made its inlining time explode). The keys are computed beforehand: a compiled
-    caller takes them as inputs, so their hashing does not count towards the per-element expression.
+    round(p * 2^24) (``drop.threshold``), with h_i = mix32(i ^ seed_key): probability 1 - p. Each
+    step is a bijection of a uniform value, and no value is used twice after the element hash: a
+    compiler computes each Avatar's bit in registers (deeper xorshift chains per Avatar made inductor
+    store a K-fold intermediate, or made its inlining time explode). The keys are computed
+    beforehand: a compiled caller takes them as inputs, so their hashing does not count towards the
+    per-element expression.
     """
     seed_key, key, mult = keys
     numel = 1
@@ -103,13 +122,13 @@ def keep_mask(shape, keys, drop_rate: float, bits: Optional[int] = None) -> torc
         seed_key, key, mult = (x.to(torch.int32) for x in (seed_key, key, mult))
         counter = torch.arange(numel, device=key.device, dtype=torch.int32).view(*shape)
         mixed = (mix32_wrapping(counter ^ seed_key) ^ key[lead]) * mult[lead]
-        return ((mixed >> 8) & 0xFFFFFF) >= threshold(drop_rate)
+        return ((mixed >> 8) & 0xFFFFFF) >= drop.threshold
     counter = torch.arange(numel, device=key.device, dtype=torch.int64).view(*shape) & _M32
     mixed = ((mix32(counter ^ seed_key) ^ key[lead]) * mult[lead]) & _M32
-    return (mixed >> 8) >= threshold(drop_rate)
+    return (mixed >> 8) >= drop.threshold
 
 
-def dropout(teacher: torch.Tensor, keep: torch.Tensor, drop_rate: float) -> torch.Tensor:
+def dropout(teacher: torch.Tensor, keep: torch.Tensor, drop: Drop) -> torch.Tensor:
     """Inverted dropout with given keep bits; one expression for the loop and the fused passes, so
     both compute each Avatar element with the same float operations."""
-    return teacher * (keep.to(teacher.dtype) * (1.0 / (1.0 - drop_rate)))
+    return teacher * (keep.to(teacher.dtype) * (1.0 / (1.0 - drop.rate)))

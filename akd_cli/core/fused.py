@@ -74,22 +74,22 @@ def avatar_indices(num_avatars: int, device: torch.device) -> torch.Tensor:
     return _indices[key]
 
 
-def one_avatar(teacher: torch.Tensor, keys, drop_rate: float) -> torch.Tensor:
+def one_avatar(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Tensor:
     """The Avatar of one key (``keys`` of one Avatar), in the teacher's dtype: the operations of
     ``make_avatar``'s counter branch, so the loop's reference draws the same values."""
-    return counter_rng.dropout(teacher, counter_rng.keep_mask(teacher.shape, keys, drop_rate)[0], drop_rate)
+    return counter_rng.dropout(teacher, counter_rng.keep_mask(teacher.shape, keys, drop)[0], drop)
 
 
-def raw_avatars(teacher: torch.Tensor, keys, drop_rate: float) -> torch.Tensor:
+def raw_avatars(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Tensor:
     """K x N x C x H x W float32 Avatars (virtual when compiled)."""
-    keep = counter_rng.keep_mask(teacher.shape, keys, drop_rate)
-    return counter_rng.dropout(teacher.float().unsqueeze(0), keep, drop_rate)
+    keep = counter_rng.keep_mask(teacher.shape, keys, drop)
+    return counter_rng.dropout(teacher.float().unsqueeze(0), keep, drop)
 
 
-def statistics(teacher: torch.Tensor, keys, drop_rate: float,
+def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
                sigma: bool, per_avatar_channel: bool, per_image_channel: bool) -> Dict[str, torch.Tensor]:
     """Pass 1: the raw Avatars' statistics the options need (float32)."""
-    a = raw_avatars(teacher, keys, drop_rate)
+    a = raw_avatars(teacher, keys, drop)
     out = {}
     if sigma:
         out["sigma_sum"] = (a - teacher.float()).pow(2).sum(dim=(0, 1, 3, 4))                  # C
@@ -121,10 +121,10 @@ def _normalised_weights(weights: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=0, keepdim=True)
 
 
-def cwd_terms(teacher, keys, drop_rate: float, affines, weights, tau: float, scale: float):
+def cwd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tau: float, scale: float):
     """CWD's phi_bar (N x C x HW) and constant (N, float64): the weighted mean of the Avatars'
     spatial softmaxes, and of sum_c (sum_hw p log p) times the loss's scale."""
-    a = _seen(raw_avatars(teacher, keys, drop_rate), affines)
+    a = _seen(raw_avatars(teacher, keys, drop), affines)
     logits = a.flatten(3) if tau == 1.0 else a.flatten(3) / tau                                # K x N x C x HW
     top = logits.amax(dim=3, keepdim=True)
     lse = top + torch.log(torch.exp(logits - top).sum(dim=3, keepdim=True))                  # K x N x C x 1
@@ -138,21 +138,21 @@ def cwd_terms(teacher, keys, drop_rate: float, affines, weights, tau: float, sca
     return phi_bar, constant.double()
 
 
-def mse_terms(teacher, keys, drop_rate: float, affines, weights):
+def mse_terms(teacher, keys, drop: counter_rng.Drop, affines, weights):
     """MSE's (and MGD's, PKD's) phi_bar (N x C x H x W, the weighted mean Avatar) and constant
     (N, float64: the weighted mean of |a_k|^2)."""
-    a = _seen(raw_avatars(teacher, keys, drop_rate), affines)
+    a = _seen(raw_avatars(teacher, keys, drop), affines)
     g = _normalised_weights(weights)
     phi_bar = (a * g[:, :, None, None, None]).sum(dim=0)
     constant = (a.pow(2).sum(dim=(2, 3, 4)) * g).sum(dim=0)
     return phi_bar, constant.double()
 
 
-def maskd_terms(teacher, keys, drop_rate: float, affines, weights, tokens,
+def maskd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tokens,
                 student_masks: Optional[torch.Tensor]):
     """MasKD's accumulator (N x (C+1) x H x W: sum_k g b_k a_k, then sum_k g b_k) and constant
     (N, float64: sum_k g sum_hw b_k |a_k|^2), b_k = sum_t w_t m_t^2 / (c sum_hw m_t)."""
-    a = _seen(raw_avatars(teacher, keys, drop_rate), affines)
+    a = _seen(raw_avatars(teacher, keys, drop), affines)
     k, n, c, h, w = a.shape
     token = tokens.mask_token.float()                                                          # T x C
     # A broadcast sum, not an einsum: a matrix product would make inductor store the Avatars.
