@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from memory import CPU_MEMORY_ENV, step_peak
 
@@ -90,7 +91,7 @@ def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
 
 
 def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES, avatar_counts=AVATARS,
-            kernels=("loop",)) -> list:
+            kernels=("loop",), json_path: Optional[str] = None) -> list:
     common = ["--uncertainty", uncertainty, "--bases", ",".join(bases), "--avatars", ",".join(map(str, avatar_counts)),
               "--avatar-kernels", ",".join(kernels), "--root", ROOT[0]]
     if device == "cuda":
@@ -98,7 +99,7 @@ def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES
         # measure() resets it, so on CUDA one process serves every configuration.
         # its stderr passes through: each row as it is measured, or the error that stopped it
         out = subprocess.run([sys.executable, __file__, "--all-here", "--device", device, "--repeats", str(repeats),
-                              *common], stdout=subprocess.PIPE, text=True)
+                              *common, *(["--json", json_path] if json_path else [])], stdout=subprocess.PIPE, text=True)
         if out.returncode != 0:
             raise SystemExit(f"the measuring process exited {out.returncode} (its error is above)")
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -139,6 +140,13 @@ def markdown(rows: list, bases=BASES, avatar_counts=AVATARS, kernels=("loop",)) 
     return "\n".join(lines)
 
 
+def _write_json(path: str, rows: list) -> None:
+    """Whole or not at all: written beside, then renamed over, so a kill mid-write leaves the last rows."""
+    with open(path + ".partial", "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(path + ".partial", path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -162,18 +170,20 @@ def main() -> None:
         rows = []
         for base, avatars, kernel in _configurations(bases, counts, kernels):
             rows.append(measure(base, avatars, args.device, args.repeats, args.uncertainty, kernel))
-            # progress on stderr: a run cut short by a time limit still says what it measured
+            # progress on stderr, and the rows so far in the JSON file: a run cut short by a time
+            # limit still leaves what it measured (on an H100, one call lost a whole factor's rows)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if args.json:
+                _write_json(args.json, rows)
         print(json.dumps(rows))
         return
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.repeats, args.uncertainty,
                                  args.one[2])))
         return
-    rows = run_all(args.device, args.repeats, args.uncertainty, bases, counts, kernels)
+    rows = run_all(args.device, args.repeats, args.uncertainty, bases, counts, kernels, args.json)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        _write_json(args.json, rows)
     print(markdown(rows, bases, counts, kernels))
 
 
