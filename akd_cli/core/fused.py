@@ -232,5 +232,15 @@ def function(name: str, compiled: bool):
             if hasattr(dynamo, limit):
                 setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
                 break
+        # Duck sizing gives two sizes that happen to be equal at the first call one symbol, and
+        # guards on their equality: on FPN maps, a level's height equal to another's width, to the
+        # channels or to the Avatar count. A detector's padded batch shape changes from batch to
+        # batch, and with it which sizes coincide: a batch without the first one's coincidences
+        # was a recompilation, of seconds. Without it, one graph per configuration serves every
+        # shape (tests/test_fused.py). Process-wide, as the limit is: other compiled code only
+        # loses the assumption that sizes equal once stay equal.
+        from torch.fx.experimental import _config as shapes
+
+        shapes.use_duck_shape = False
         _compiled[name] = torch.compile(FUNCTIONS[name], dynamic=True, fullgraph=True, options=options)
     return _compiled[name]
