@@ -7,6 +7,13 @@
 #   bash bench/gpu_check.sh [OUT_DIR]          # default: $OUT, else bench/gpu-out
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
 #   (parts: tests, train, host, core, profile, goals; default "tests train host core goals")
+#   CORE_AVATARS=0,8 PARTS="core goals" bash bench/gpu_check.sh            # the core goals' rows alone
+#
+# On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
+# compilation), train 201 s, core 110 s and more per factor (cut off there), host 43 s (then failing).
+# The default parts do not fit one 540 s budget: a second call on the still-warm machine (it waits
+# 30 s) with PARTS="core host goals" takes the rest, and goals.py can judge the two calls' files
+# put in one folder.
 #
 # The core needs torch alone (with Triton, which CUDA builds of torch ship): no install. The
 # training step needs mmcv-full with CUDA ops and mmdet: where they do not import, the wheels in
@@ -66,9 +73,9 @@ part_tests() {
 part_core() {
   for factor in $FACTORS; do
     has_time "core ($factor factor)" || continue
-    part_start "core ($factor factor): CWD, MSE, MasKD with 0, 1 and 8 Avatars, loop and compiled"
+    part_start "core ($factor factor): CWD, MSE, MasKD with ${CORE_AVATARS:-0,1,8} Avatars, loop and compiled"
     timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
-        --bases cwd,mse,maskd --avatars 0,1,8 --avatar-kernels loop,compiled --json "$OUT_DIR/core_$factor.json" \
+        --bases cwd,mse,maskd --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels loop,compiled --json "$OUT_DIR/core_$factor.json" \
         2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
   done
