@@ -8,6 +8,7 @@
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
 #   (parts: tests, train, host, core, profile, goals; default "tests train host core goals")
 #   CORE_AVATARS=0,8 PARTS="core goals" bash bench/gpu_check.sh            # the core goals' rows alone
+#   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled" bash bench/gpu_check.sh
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
 # compilation), train 201 s, core 110 s and more per factor (cut off there), host 43 s (then failing).
@@ -34,7 +35,8 @@ PY=${PYTHON:-python3}
 WHEELS=${AKD_WHEELS:-.whl}
 PARTS=${PARTS:-tests train host core goals}
 FACTORS=${FACTORS:-paper release}
-PROFILES=${PROFILES:-0:loop 8:loop 8:compiled 8:compiled:64}   # Avatars:kernel[:hash bits], CWD, paper's factor
+PROFILES=${PROFILES:-0:loop 8:loop 8:compiled 8:compiled:64}   # Avatars:kernel[:hash bits]
+PROFILE_BASE=${PROFILE_BASE:-cwd} PROFILE_FACTOR=${PROFILE_FACTOR:-paper}   # the profiled base loss and factor
 END=$(( $(date +%s) + ${BUDGET:-540} ))
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/log.txt"
@@ -88,10 +90,10 @@ part_host() {
 }
 
 part_profile() {
-  part_start "profile: CWD, paper factor (Avatars:kernel[:hash bits] = $PROFILES)"
+  part_start "profile: $PROFILE_BASE, $PROFILE_FACTOR factor (Avatars:kernel[:hash bits] = $PROFILES)"
   for run in $PROFILES; do
     IFS=: read -r avatars kernel bits <<< "$run"
-    timeout "$(limit "${PROFILE_LIMIT:-90}")" $PY bench/profile_core.py --base cwd --uncertainty paper \
+    timeout "$(limit "${PROFILE_LIMIT:-90}")" $PY bench/profile_core.py --base "$PROFILE_BASE" --uncertainty "$PROFILE_FACTOR" \
         --avatars "$avatars" --avatar-kernel "$kernel" --hash-bits "${bits:-32}" >> "$OUT_DIR/profile.txt" 2>> "$ERR"
   done
   part_end $?
