@@ -239,8 +239,8 @@ def function(name: str, compiled: bool):
         # was a recompilation, of seconds. Without it, one graph per configuration serves every
         # shape (tests/test_fused.py). Process-wide, as the limit is: other compiled code only
         # loses the assumption that sizes equal once stay equal.
-        from torch.fx.experimental import _config as shapes
+        from torch.fx.experimental import _config as fx_config
 
-        shapes.use_duck_shape = False
+        fx_config.use_duck_shape = False
         _compiled[name] = torch.compile(FUNCTIONS[name], dynamic=True, fullgraph=True, options=options)
     return _compiled[name]
