@@ -67,7 +67,7 @@ if $PY -c "import mmcv.ops, mmdet" 2>> "$ERR"; then MM=1; say "mmcv-full and mmd
 part_tests() {
   part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
   timeout "$(limit "${TESTS_LIMIT:-240}")" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-      -k "avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks or non_finite_features_on_the_gpu$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')" \
+      -k "avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks or non_finite_features_on_the_gpu or own_drop_rate$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')" \
       > "$OUT_DIR/tests.txt" 2>&1
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
 }

@@ -147,6 +147,18 @@ def test_compiled_avatar_passes_equal_the_loop_on_cuda(base, uncertainty):
                  _steps("compiled", base, uncertainty, "mean", 8, **run))
 
 
+@pytest.mark.parametrize("avatars", [1, 3])
+def test_compiled_passes_draw_at_each_calls_own_drop_rate_on_cuda(avatars):
+    """test_fused's three drop rates in one process, as Triton kernels: no recompilation for a
+    second rate may run the first rate's code (counter_rng.Drop)."""
+    from test_fused import _assert_same, _steps
+
+    for p in (0.3, 0.1, 0.5):
+        run = dict(steps=1, drop_rate=p, device="cuda")
+        _assert_same(_steps("loop", "mse", "paper", "mean", avatars, **run),
+                     _steps("compiled", "mse", "paper", "mean", avatars, **run))
+
+
 def test_compiled_avatar_passes_memory_does_not_grow_with_avatars_on_cuda():
     shape = (2, 256, 100, 168)
     map_bytes = math.prod(shape) * 4
