@@ -211,17 +211,12 @@ def test_gpu_dropout_masks_equal_the_cpus_eager_and_compiled():
     shape = (2, 256, 100, 168)
     keys = counter_rng.avatar_keys(torch.tensor(123456789), torch.arange(8))
     on_gpu = tuple(x.cuda() for x in keys)
-
-    def first_avatar(keys):  # the seed's key is 0-d, shared by all Avatars; the others are one per Avatar
-        seed_key, key, mult = keys
-        return seed_key, key[:1], mult[:1]
-
     for drop in map(counter_rng.Drop.of, (0.1, 0.5)):
         expected = counter_rng.keep_mask(shape, keys, drop)
         assert torch.equal(counter_rng.keep_mask(shape, on_gpu, drop).cpu(), expected)
         teacher = torch.randn(shape)
-        compiled = fused.function("avatar", True)(teacher.cuda(), first_avatar(on_gpu), drop)
-        assert torch.equal(compiled.cpu(), fused.one_avatar(teacher, first_avatar(keys), drop))
+        compiled = fused.function("avatar", True)(teacher.cuda(), counter_rng.keys_of(on_gpu, 0), drop)
+        assert torch.equal(compiled.cpu(), fused.one_avatar(teacher, counter_rng.keys_of(keys, 0), drop))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from akd_cli.core import fused as fused_passes
 from akd_cli.core.avatars import make_avatar
-from akd_cli.core.counter_rng import Drop, draw_seed
+from akd_cli.core.counter_rng import Drop, draw_seed, keys_of
 from akd_cli.core.losses import build_base_losses
 from akd_cli.core.precision import float32_reductions
 from akd_cli.core.uncertainty import (RELEASE_BN_EPS, AvatarWeigher, inverse_sigma, squared_difference_per_channel,
@@ -233,9 +233,8 @@ class AKDLoss(nn.Module):
         the loop's way. On an H100 the passes made one Avatar cost +14% of a training step against
         the loop's +2.4% (fcos-r101-r50, bench/RESULTS.md)."""
         if step.keys is not None:
-            seed_key, key, mult = step.keys[level]
-            keys = (seed_key, key[index:index + 1], mult[index:index + 1])
-            return fused_passes.function("avatar", self.avatar_kernel == "compiled")(teacher, keys, Drop.of(self.drop_rate))
+            return fused_passes.function("avatar", self.avatar_kernel == "compiled")(
+                teacher, keys_of(step.keys[level], index), Drop.of(self.drop_rate))
         seed = step.seeds[level] if step.seeds is not None else None
         return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
 
