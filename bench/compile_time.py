@@ -19,10 +19,7 @@ import sys
 import tempfile
 import time
 
-import core_losses
-import host_calls
-
-SHAPES = {"tiny": host_calls.SHAPES, "r50": core_losses.SHAPES}  # the maps of those benches
+from loss_pieces import SHAPES
 CONFIGURATIONS = [("cwd", "paper", 8), ("mse", "release", 8), ("maskd", "release", 8), ("maskd", "release", 1)]
 
 
