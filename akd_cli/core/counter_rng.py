@@ -120,18 +120,39 @@ def keep_mask(shape, keys, drop: Drop, bits: Optional[int] = None) -> torch.Tens
     per-element expression.
     """
     seed_key, key, mult = keys
+    hashed = element_hash(shape, seed_key, bits or hash_bits(key.device))
+    lead = (...,) + (None,) * len(shape)
+    return keep_bits(hashed, key[lead], mult[lead], drop)
+
+
+class ElementHash(NamedTuple):
+    """h_i = mix32(i ^ seed_key) of every element of a map, in the width ``keep_mask`` chose: what
+    all Avatars of a level share. Their own steps (``keep_bits``) are one xor and one multiply."""
+    value: torch.Tensor
+    bits: int
+
+
+def element_hash(shape, seed_key: torch.Tensor, bits: int) -> ElementHash:
+    """The per-element hash of a map of ``shape`` (``bits``: 32 wrapping, or 64), from the level's
+    seed key (0-d)."""
     numel = 1
     for size in shape:  # a plain loop: torch.compile traces it (not a generator into math.prod)
         numel *= int(size)
-    lead = (...,) + (None,) * len(shape)
-    if (bits or hash_bits(key.device)) == 32 and numel < 2 ** 31:
+    if bits == 32 and numel < 2 ** 31:
         # int64 -> int32 keeps the low 32 bits: the same uint32 values, two's complement
-        seed_key, key, mult = (x.to(torch.int32) for x in (seed_key, key, mult))
-        counter = torch.arange(numel, device=key.device, dtype=torch.int32).view(*shape)
-        mixed = (mix32_wrapping(counter ^ seed_key) ^ key[lead]) * mult[lead]
+        counter = torch.arange(numel, device=seed_key.device, dtype=torch.int32).view(*shape)
+        return ElementHash(mix32_wrapping(counter ^ seed_key.to(torch.int32)), 32)
+    counter = torch.arange(numel, device=seed_key.device, dtype=torch.int64).view(*shape) & _M32
+    return ElementHash(mix32(counter ^ seed_key), 64)
+
+
+def keep_bits(hashed: ElementHash, key: torch.Tensor, mult: torch.Tensor, drop: Drop) -> torch.Tensor:
+    """One Avatar's keep bits (or several, with ``key`` and ``mult`` broadcast against the map) from
+    the shared element hash."""
+    if hashed.bits == 32:
+        mixed = (hashed.value ^ key.to(torch.int32)) * mult.to(torch.int32)
         return ((mixed >> 8) & 0xFFFFFF) >= drop.threshold
-    counter = torch.arange(numel, device=key.device, dtype=torch.int64).view(*shape) & _M32
-    mixed = ((mix32(counter ^ seed_key) ^ key[lead]) * mult[lead]) & _M32
+    mixed = ((hashed.value ^ key) * mult) & _M32
     return (mixed >> 8) >= drop.threshold
 
 
