@@ -3,10 +3,11 @@ of a fresh process with an empty inductor cache, against a later call, for a few
 on five FPN levels. The first training step of a run with ``--avatar-kernel compiled`` pays this
 once per configuration (and the MasKD warm-up's switch to the student's masks once more).
 
-    python bench/compile_time.py [--device cpu|cuda] [--shapes tiny|r50] [--root TREE]
+    python bench/compile_time.py [--device cpu|cuda] [--shapes tiny|r50] [--root TREE] [--layout unrolled]
 
 Each configuration runs in its own process with its own empty cache folder (what a fresh machine
-has), so no compilation is found on disk. ``--root`` imports akd_cli from another checkout (a git
+has), so no compilation is found on disk. ``--layout`` picks the passes' layout of the Avatars
+(``akd_cli.core.fused.LAYOUT``; its default without). ``--root`` imports akd_cli from another checkout (a git
 worktree of an older commit), to compare two commits on one machine.
 """
 from __future__ import annotations
@@ -23,10 +24,13 @@ from loss_pieces import SHAPES
 CONFIGURATIONS = [("cwd", "paper", 8), ("mse", "release", 8), ("maskd", "release", 8), ("maskd", "release", 1)]
 
 
-def measure(base: str, factor: str, avatars: int, device: str, shapes: list) -> dict:
+def measure(base: str, factor: str, avatars: int, device: str, shapes: list, layout: str = "") -> dict:
     import torch
 
     from akd_cli import AKDLoss
+    from core_losses import with_layout
+
+    with_layout("compiled:" + layout if layout else "compiled")
 
     torch.manual_seed(0)
     options = dict(channels=shapes[0][1], num_levels=len(shapes)) if base == "maskd" else {}
@@ -48,18 +52,20 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    parser.add_argument("--layout", default="", help="the passes' layout of the Avatars (akd_cli.core.fused.LAYOUTS)")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         sys.path.insert(0, os.path.abspath(args.root))
-        print(json.dumps(measure(args.one[0], args.one[1], int(args.one[2]), args.device, SHAPES[args.shapes])))
+        print(json.dumps(measure(args.one[0], args.one[1], int(args.one[2]), args.device, SHAPES[args.shapes], args.layout)))
         return 0
     print("| base, factor | Avatars | first call (compiles) | third call |")
     print("|---|---|---|---|")
     for base, factor, avatars in CONFIGURATIONS:
         with tempfile.TemporaryDirectory() as cache:
             out = subprocess.run([sys.executable, __file__, "--one", base, factor, str(avatars), "--device", args.device,
-                                  "--shapes", args.shapes, "--root", args.root], capture_output=True, text=True,
+                                  "--shapes", args.shapes, "--root", args.root, "--layout", args.layout],
+                                 capture_output=True, text=True,
                                  env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))
         if out.returncode != 0:
             raise SystemExit(out.stderr[-2000:])

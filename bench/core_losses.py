@@ -13,8 +13,9 @@ memory allocated before the step, after a reset.
                                 [--avatar-kernels loop,compiled] [--root OTHER_CHECKOUT]
 
 With several --avatar-kernels, each base loss gets one row per kernel, measured in the same run
-against the same plain loss (the kernels differ only with Avatars). The compiled kernel's first two
-steps (its compilation) are warm-up.
+against the same plain loss (the kernels differ only with Avatars). ``compiled:unrolled`` is the
+compiled kernel with the passes' other layout of the Avatars (``akd_cli.core.fused.LAYOUT``). The
+compiled kernel's first two steps (its compilation) are warm-up.
 """
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ AVATARS = (0, 1, 2, 4, 8)
 ROOT = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # where akd_cli is imported from (--root)
 
 
+def with_layout(kernel: str) -> str:
+    """The avatar kernel of ``KERNEL[:LAYOUT]``, with the passes' layout set for this process (the
+    default layout without one)."""
+    from akd_cli.core import fused
+
+    name, _, layout = kernel.partition(":")
+    layouts = getattr(fused, "LAYOUTS", ())  # none in a checkout older than the layouts (--root)
+    if layout and layout not in layouts:
+        raise SystemExit(f"unknown layout {layout!r}; expected one of {', '.join(layouts) or 'none here'}")
+    default = _DEFAULT_LAYOUT.setdefault("layout", getattr(fused, "LAYOUT", None))
+    fused.LAYOUT = layout or default
+    return name
+
+
+_DEFAULT_LAYOUT: dict = {}
+
+
 def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str = "release",
             kernel: str = "loop") -> dict:
     """One configuration, in this process."""
@@ -46,7 +64,8 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
 
     torch.manual_seed(0)
     kwargs = {"channels": 256, "num_levels": len(SHAPES)} if BASE_LOSSES[base].needs_channels else {}
-    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=uncertainty, avatar_kernel=kernel, **kwargs).to(device)
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=uncertainty, avatar_kernel=with_layout(kernel),
+                      **kwargs).to(device)
     student = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
     teacher = [torch.randn(s, device=device) for s in SHAPES]
     context = {}
@@ -155,7 +174,7 @@ def main() -> None:
     parser.add_argument("--uncertainty", default="release", help="the factor: release, paper or none")
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated base losses")
     parser.add_argument("--avatars", default=",".join(map(str, AVATARS)), help="comma-separated counts; 0 first")
-    parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled")
+    parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled, compiled:unrolled")
     parser.add_argument("--one", nargs=3, metavar=("BASE", "AVATARS", "KERNEL"), help=argparse.SUPPRESS)
     parser.add_argument("--all-here", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", default=ROOT[0], help="import akd_cli from this checkout (another commit's worktree)")

@@ -143,6 +143,19 @@ def test_compiled_passes_equal_the_loop(base, uncertainty, weighting, avatars):
                  _steps("compiled", base, uncertainty, weighting, avatars))
 
 
+@pytest.mark.parametrize("kernel,base,uncertainty,weighting,avatars",
+                         [("fused", "maskd", "release", "inverse_variance", 3), ("fused", "cwd", "paper", "mean", 2),
+                          ("compiled", "mse", "release", "inverse_variance", 3), ("compiled", "cwd", "paper", "mean", 2),
+                          ("compiled", "maskd", "release", "mean", 2)])
+def test_both_layouts_of_the_avatars_equal_the_loop(monkeypatch, kernel, base, uncertainty, weighting, avatars):
+    """fused.LAYOUT "unrolled" (K expressions over one hash) computes what "stacked" does; dynamo
+    guards on the global, so a process that changes it compiles again rather than reusing a graph."""
+    loop = _steps("loop", base, uncertainty, weighting, avatars)
+    for layout in ("unrolled", "stacked"):
+        monkeypatch.setattr(fused, "LAYOUT", layout)
+        _assert_same(loop, _steps(kernel, base, uncertainty, weighting, avatars))
+
+
 def test_one_seed_draw_one_keys_call_and_few_calls_per_pass_serve_all_levels(monkeypatch):
     """Per call, not per level: the passes' host work is what a GPU step waits on (bench/RESULTS.md)."""
     import collections
@@ -228,11 +241,14 @@ def _buffers(code: str):
         yield [int(x) for x in match.group(1).split(",") if x.strip()]
 
 
-@pytest.mark.parametrize("name", ["statistics", "cwd", "mse", "maskd", "cwd_levels"])
-def test_compiled_passes_store_no_avatar(name):
+@pytest.mark.parametrize("name,layout", [(name, "stacked") for name in ("statistics", "cwd", "mse", "maskd", "cwd_levels")]
+                         + [("statistics", "unrolled"), ("maskd", "unrolled")])
+def test_compiled_passes_store_no_avatar(monkeypatch, name, layout):
     """The generated code allocates nothing near the size of the K Avatars: each Avatar element
     lives in registers, regenerated from the teacher and its mask in each pass."""
     from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(fused, "LAYOUT", layout)
 
     n, c, h, w, k = 2, 32, 40, 10, 8
     torch.manual_seed(0)

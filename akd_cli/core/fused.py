@@ -1,8 +1,8 @@
 r"""The teacher side of AKD for all K Avatars of a level at once, none of them stored: compiled
 (``torch.compile``: Triton on a GPU, C++ on the CPU), each Avatar element is regenerated in
 registers from the teacher element and a counter-based dropout mask (``akd_cli.core.counter_rng``)
-inside the few reductions that need it. The K Avatars are K expressions over one element hash
-(``avatars``), so that a pass reads each teacher element once and hashes it once, for all K.
+inside the few reductions that need it. All K Avatars share one element hash; ``LAYOUT`` says
+whether a pass holds them as one K x N x C x H x W expression or as K expressions.
 
 What a step computes, for the base losses whose teacher side is a weighted sum (CWD, MSE, MGD, PKD,
 MasKD; see ``akd_cli.core.losses``), and how many passes over the teacher map it takes:
@@ -34,10 +34,6 @@ drawn by ``one_avatar`` compiled, then stored, as the loop stores its one Avatar
 
 Run eagerly (``avatar_kernel="fused"``) the same functions materialise all K Avatars: that mode
 exists to check the compiled one against, not to be used.
-
-The Avatar count is unrolled into each pass (a list of K expressions, not a tensor dimension), so
-a pass compiles once per count, and compiling takes longer with more Avatars
-(bench/compile_time.py).
 """
 from __future__ import annotations
 
@@ -86,28 +82,39 @@ def one_avatar(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Ten
     return counter_rng.dropout(teacher, counter_rng.keep_mask(teacher.shape, keys, drop)[0], drop)
 
 
-def avatars(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> List[torch.Tensor]:
-    """The K float32 Avatars, one N x C x H x W expression each (virtual when compiled), all from one
-    element hash (``counter_rng.element_hash``): each Avatar adds an xor and a multiply to it.
+# How a pass holds the K Avatars (not a user option: both give the same values; bench/core_losses.py
+# and bench/compile_time.py time one against the other, ``--avatar-kernels compiled:unrolled``):
+# - "stacked": one K x N x C x H x W expression. A compiled reduction's kernel loops over its
+#   outputs, and for each over the elements reduced: a per-Avatar statistic's outputs are
+#   (Avatar, channel) pairs, so each pair reads and hashes the teacher's elements anew, K times in
+#   all.
+# - "unrolled": K expressions over one element hash, whose reductions over the same ranges inductor
+#   fuses into one loop that reads and hashes each element once for all K (common subexpressions).
+#   On the CPU (inductor's C++ code, R50-FPN shapes, 8 Avatars) that took 14% to 33% less time per
+#   loss call, but compiled 2.8 to 4 times as long (MasKD: 256 s instead of 63), and took more time
+#   per call on tiny maps (bench/RESULTS.md). Not yet measured on a GPU, where the loss is bound by
+#   the host; "stacked" stays the default until it is.
+# Dynamo guards on this global: changing it recompiles, no stale graph is served.
+LAYOUT = "stacked"
+LAYOUTS = ("stacked", "unrolled")
 
-    A list, not one K x N x C x H x W tensor, because of how a compiled reduction runs: its kernel
-    loops over the outputs, and for each one over the elements reduced. With the Avatars as a
-    tensor dimension, a per-Avatar statistic's outputs are (Avatar, channel) pairs, and each pair
-    reads the teacher and hashes its elements anew: K reads and K hashes of every element. As K
-    reductions over the same (channel; image, position) ranges, inductor fuses them into one loop
-    that reads each element once and hashes it once (its common subexpressions): on the CPU the
-    release's statistics took 2.5 times less (bench/RESULTS.md). The Avatar count is unrolled, so
-    a pass compiles once per count (K is fixed in a run)."""
+
+def avatar_groups(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> List[torch.Tensor]:
+    """The K float32 Avatars as G x N x C x H x W groups (virtual when compiled), in ``LAYOUT``'s
+    way: one group of K, or K groups of one. All come from one element hash
+    (``counter_rng.element_hash``): each Avatar adds an xor and a multiply to it."""
     seed_key, key, mult = keys
     hashed = counter_rng.element_hash(teacher.shape, seed_key, counter_rng.hash_bits(key.device))
-    t = teacher.float()
-    return [counter_rng.dropout(t, counter_rng.keep_bits(hashed, key[k], mult[k], drop), drop)
-            for k in range(key.shape[0])]
+    t = teacher.float().unsqueeze(0)
+    lead = (slice(None),) + (None,) * teacher.dim()
+    spans = [(0, key.shape[0])] if LAYOUT == "stacked" else [(k, k + 1) for k in range(key.shape[0])]
+    return [counter_rng.dropout(t, counter_rng.keep_bits(hashed, key[a:b][lead], mult[a:b][lead], drop), drop)
+            for a, b in spans]
 
 
 def raw_avatars(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Tensor:
-    """K x N x C x H x W float32 Avatars, stored (for tests and eager checks)."""
-    return torch.stack(avatars(teacher, keys, drop))
+    """K x N x C x H x W float32 Avatars (virtual when compiled)."""
+    return torch.cat(avatar_groups(teacher, keys, drop))
 
 
 def _total(terms):
@@ -119,39 +126,44 @@ def _total(terms):
     return total
 
 
+def _spans(groups: List[torch.Tensor]):
+    """Each group with its Avatars' rows in the K-indexed factors and weights."""
+    start = 0
+    for a in groups:
+        yield a, slice(start, start + a.shape[0])
+        start += a.shape[0]
+
+
 def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
                sigma: bool, per_avatar_channel: bool, per_image_channel: bool) -> Dict[str, torch.Tensor]:
     """Pass 1: the raw Avatars' statistics the options need (float32): one pass over the teacher
-    per reduction shape (channel; image and image-channel)."""
-    a = avatars(teacher, keys, drop)
+    per reduction shape."""
+    groups = avatar_groups(teacher, keys, drop)
     out = {}
     if sigma:
         t = teacher.float()
-        out["sigma_sum"] = _total((ak - t).pow(2) for ak in a).sum(dim=(0, 2, 3))                # C
+        out["sigma_sum"] = _total((a - t).pow(2).sum(dim=(0, 1, 3, 4)) for a in groups)          # C
     if per_avatar_channel:
-        # Welford's one-pass mean and (biased) variance: inductor's var_mean reduction
-        moments = [torch.var_mean(ak, dim=(0, 2, 3), correction=0) for ak in a]
-        out["mean"] = torch.stack([mean for _, mean in moments])                               # K x C
-        out["var"] = torch.stack([var for var, _ in moments])
+        # Welford's one-pass mean and biased variance (inductor's var_mean reduction)
+        moments = [torch.var_mean(a, dim=(1, 3, 4), correction=0) for a in groups]
+        out["mean"] = torch.cat([mean for _, mean in moments])                                 # K x C
+        out["var"] = torch.cat([var for var, _ in moments])
     if per_image_channel:
-        out["image_channel_mean"] = torch.stack([ak.mean(dim=(2, 3)) for ak in a])             # K x N x C
+        out["image_channel_mean"] = torch.cat([a.mean(dim=(3, 4)) for a in groups])           # K x N x C
     return out
 
 
 Affine = Tuple[str, Optional[torch.Tensor], torch.Tensor]
 
 
-def _seen(a: List[torch.Tensor], affines: Sequence[Affine]) -> List[torch.Tensor]:
-    """The Avatars as the base loss takes them: each affine, in turn, maps a -> (a - shift) * mult
-    or (a - shift) / div per (Avatar, channel), the loop path's operations in its order."""
-    seen = []
-    for k, ak in enumerate(a):
-        for op, shift, factor in affines:
-            ak = ak - shift[k][None, :, None, None] if shift is not None else ak
-            factor = factor[k][None, :, None, None]
-            ak = ak * factor if op == "mul" else ak / factor
-        seen.append(ak)
-    return seen
+def _seen(a: torch.Tensor, rows: slice, affines: Sequence[Affine]) -> torch.Tensor:
+    """A group of Avatars as the base loss takes them: each affine, in turn, maps a -> (a - shift) *
+    mult or (a - shift) / div per (Avatar, channel), the loop path's operations in its order."""
+    for op, shift, factor in affines:
+        a = a - shift[rows][:, None, :, None, None] if shift is not None else a
+        factor = factor[rows][:, None, :, None, None]
+        a = a * factor if op == "mul" else a / factor
+    return a
 
 
 def _normalised_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -162,54 +174,56 @@ def cwd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tau: floa
     """CWD's phi_bar (N x C x HW) and constant (N, float64): the weighted mean of the Avatars'
     spatial softmaxes, and of sum_c (sum_hw p log p) times the loss's scale."""
     g = _normalised_weights(weights)                                                           # K x N
-    phi_bar = constant = None
-    for k, ak in enumerate(_seen(avatars(teacher, keys, drop), affines)):
-        logits = ak.flatten(2) if tau == 1.0 else ak.flatten(2) / tau                          # N x C x HW
-        top = logits.amax(dim=2, keepdim=True)
-        centred = logits - (top + torch.log(torch.exp(logits - top).sum(dim=2, keepdim=True)))
-        # Each exponential has one consumer: inductor's CPU code stores a reused exp; the entropy's,
-        # sum_hw p (logit - lse) = sum_hw p log p, is written with exp2 for that reason.
-        term = torch.exp(centred) * g[k][:, None, None]
-        entropy = (torch.exp2(centred * _LOG2_E) * centred).sum(dim=2)                         # N x C
-        phi_bar = term if phi_bar is None else phi_bar + term
-        weighted = entropy.sum(dim=1) * scale * g[k]
-        constant = weighted if constant is None else constant + weighted
-    return phi_bar, constant.double()
+    phi_bars, constants = [], []
+    for raw, rows in _spans(avatar_groups(teacher, keys, drop)):
+        a = _seen(raw, rows, affines)
+        logits = a.flatten(3) if tau == 1.0 else a.flatten(3) / tau                            # G x N x C x HW
+        top = logits.amax(dim=3, keepdim=True)
+        lse = top + torch.log(torch.exp(logits - top).sum(dim=3, keepdim=True))              # G x N x C x 1
+        # Each exponential has one consumer: inductor's CPU code stores a reused exp (a K-fold
+        # tensor); the entropy's, sum_hw p (logit - lse) = sum_hw p log p, is written with exp2 for
+        # that reason.
+        phi_bars.append((torch.exp(logits - lse) * g[rows][:, :, None, None]).sum(dim=0))
+        centred = logits - lse
+        entropy = (torch.exp2(centred * _LOG2_E) * centred).sum(dim=3)                         # G x N x C
+        constants.append((entropy.sum(dim=2) * scale * g[rows]).sum(dim=0))
+    return _total(phi_bars), _total(constants).double()
 
 
 def mse_terms(teacher, keys, drop: counter_rng.Drop, affines, weights):
     """MSE's (and MGD's, PKD's) phi_bar (N x C x H x W, the weighted mean Avatar) and constant
     (N, float64: the weighted mean of |a_k|^2)."""
     g = _normalised_weights(weights)
-    seen = _seen(avatars(teacher, keys, drop), affines)
-    phi_bar = _total(ak * g[k][:, None, None, None] for k, ak in enumerate(seen))
-    constant = _total(ak.pow(2).sum(dim=(1, 2, 3)) * g[k] for k, ak in enumerate(seen))
-    return phi_bar, constant.double()
+    phi_bars, constants = [], []
+    for raw, rows in _spans(avatar_groups(teacher, keys, drop)):
+        a = _seen(raw, rows, affines)
+        phi_bars.append((a * g[rows][:, :, None, None, None]).sum(dim=0))
+        constants.append((a.pow(2).sum(dim=(2, 3, 4)) * g[rows]).sum(dim=0))
+    return _total(phi_bars), _total(constants).double()
 
 
 def maskd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tokens,
                 student_masks: Optional[torch.Tensor]):
     """MasKD's accumulator (N x (C+1) x H x W: sum_k g b_k a_k, then sum_k g b_k) and constant
     (N, float64: sum_k g sum_hw b_k |a_k|^2), b_k = sum_t w_t m_t^2 / (c sum_hw m_t)."""
-    seen = _seen(avatars(teacher, keys, drop), affines)
-    c = teacher.shape[1]
     token = tokens.mask_token.float()                                                          # T x C
     g = _normalised_weights(weights)
-    weighted = position_sum = constant = None
-    for k, ak in enumerate(seen):
-        # A broadcast sum, not an einsum: a matrix product would make inductor store the Avatar.
-        masks = torch.sigmoid((ak.unsqueeze(1) * token[None, :, :, None, None]).sum(dim=2))   # N x T x H x W
+    weighted, shares, constants = [], [], []
+    for raw, rows in _spans(avatar_groups(teacher, keys, drop)):
+        a = _seen(raw, rows, affines)
+        k, n, c, h, w = a.shape
+        # A broadcast sum, not an einsum: a matrix product would make inductor store the Avatars.
+        masks = torch.sigmoid((a.unsqueeze(2) * token[None, None, :, :, None, None]).sum(dim=3))  # G x N x T x H x W
         if student_masks is not None:
-            masks = masks * student_masks
-        per_token = tokens.weights(ak).float() / (c * masks.sum(dim=(2, 3)))                  # N x T
-        position = (masks.pow(2) * per_token[..., None, None]).sum(dim=1, keepdim=True)        # N x 1 x H x W
-        gk = g[k][:, None, None, None]
-        term, share = ak * (position * gk), position * gk
-        weighted = term if weighted is None else weighted + term
-        position_sum = share if position_sum is None else position_sum + share
-        energy = (ak.pow(2) * position).sum(dim=(1, 2, 3)) * g[k]
-        constant = energy if constant is None else constant + energy
-    return torch.cat([weighted, position_sum], dim=1), constant.double()
+            masks = masks * student_masks.unsqueeze(0)
+        token_weights = tokens.weights(a.reshape(k * n, c, h, w)).float().view(k, n, -1)       # G x N x T
+        per_token = token_weights / (c * masks.sum(dim=(3, 4)))
+        position = (masks.pow(2) * per_token[..., None, None]).sum(dim=2, keepdim=True)        # G x N x 1 x H x W
+        share = position * g[rows][:, :, None, None, None]
+        weighted.append((a * share).sum(dim=0))
+        shares.append(share.sum(dim=0))
+        constants.append(((a.pow(2) * position).sum(dim=(2, 3, 4)) * g[rows]).sum(dim=0))
+    return torch.cat([_total(weighted), _total(shares)], dim=1), _total(constants).double()
 
 
 # Inductor stores ("realises") a pointwise expression of more than 30 operations (50 on the CPU),
