@@ -8,7 +8,9 @@
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
 #   (parts: tests, train, host, core, profile, goals; default "tests train host core goals")
 #   CORE_AVATARS=0,8 PARTS="core goals" bash bench/gpu_check.sh            # the core goals' rows alone
-#   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled" bash bench/gpu_check.sh
+#   CORE_KERNELS=compiled,compiled:unrolled CORE_AVATARS=0,8 PARTS=core ...  # the passes' two layouts of the
+#                                                   # Avatars (akd_cli.core.fused.LAYOUT) side by side
+#   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled 8:compiled:unrolled" bash bench/gpu_check.sh
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
 # compilation), train 201 s, core 110 s and more per factor (cut off there), host 43 s (then failing).
@@ -35,7 +37,7 @@ PY=${PYTHON:-python3}
 WHEELS=${AKD_WHEELS:-.whl}
 PARTS=${PARTS:-tests train host core goals}
 FACTORS=${FACTORS:-paper release}
-PROFILES=${PROFILES:-0:loop 8:loop 8:compiled 8:compiled:64}   # Avatars:kernel[:hash bits]
+PROFILES=${PROFILES:-0:loop 8:loop 8:compiled 8:compiled:64}   # Avatars:kernel[:hash bits or layout]
 PROFILE_BASE=${PROFILE_BASE:-cwd} PROFILE_FACTOR=${PROFILE_FACTOR:-paper}   # the profiled base loss and factor
 END=$(( $(date +%s) + ${BUDGET:-540} ))
 mkdir -p "$OUT_DIR"
@@ -75,9 +77,10 @@ part_tests() {
 part_core() {
   for factor in $FACTORS; do
     has_time "core ($factor factor)" || continue
-    part_start "core ($factor factor): CWD, MSE, MasKD with ${CORE_AVATARS:-0,1,8} Avatars, loop and compiled"
+    part_start "core ($factor factor): CWD, MSE, MasKD with ${CORE_AVATARS:-0,1,8} Avatars, ${CORE_KERNELS:-loop,compiled}"
     timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
-        --bases cwd,mse,maskd --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels loop,compiled --json "$OUT_DIR/core_$factor.json" \
+        --bases cwd,mse,maskd --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "${CORE_KERNELS:-loop,compiled}" \
+        --json "$OUT_DIR/core_$factor.json" \
         2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
   done
@@ -93,6 +96,7 @@ part_profile() {
   part_start "profile: $PROFILE_BASE, $PROFILE_FACTOR factor (Avatars:kernel[:hash bits] = $PROFILES)"
   for run in $PROFILES; do
     IFS=: read -r avatars kernel bits <<< "$run"
+    case $bits in 32|64|'') ;; *) kernel="$kernel:$bits"; bits= ;; esac   # a layout, not a width
     timeout "$(limit "${PROFILE_LIMIT:-90}")" $PY bench/profile_core.py --base "$PROFILE_BASE" --uncertainty "$PROFILE_FACTOR" \
         --avatars "$avatars" --avatar-kernel "$kernel" --hash-bits "${bits:-32}" >> "$OUT_DIR/profile.txt" 2>> "$ERR"
   done

@@ -2,6 +2,9 @@
 configuration (R50-FPN shapes at 1333x800, batch 2, as bench/core_losses.py), after warm-up.
 
     python bench/profile_core.py --base cwd --uncertainty paper --avatars 8 --avatar-kernel compiled [--hash-bits 64]
+
+``--avatar-kernel compiled:unrolled``: the compiled passes with their other layout of the Avatars
+(``akd_cli.core.fused.LAYOUT``).
 """
 from __future__ import annotations
 
@@ -29,14 +32,14 @@ def main() -> None:
 
     from akd_cli import AKDLoss
     from akd_cli.core import BASE_LOSSES, counter_rng
-    from core_losses import SHAPES
+    from core_losses import SHAPES, with_layout
 
     counter_rng.CUDA_HASH_BITS = args.hash_bits
 
     torch.manual_seed(0)
     kwargs = {"channels": 256, "num_levels": len(SHAPES)} if BASE_LOSSES[args.base].needs_channels else {}
     loss_fn = AKDLoss(base=args.base, num_avatars=args.avatars, uncertainty=args.uncertainty,
-                      avatar_kernel=args.avatar_kernel, **kwargs).cuda()
+                      avatar_kernel=with_layout(args.avatar_kernel), **kwargs).cuda()
     student = [torch.randn(s, device="cuda", requires_grad=True) for s in SHAPES]
     teacher = [torch.randn(s, device="cuda") for s in SHAPES]
 
