@@ -9,7 +9,8 @@
 #   (parts: tests, train, host, core, profile, goals; default "tests train host core goals")
 #   CORE_AVATARS=0,8 PARTS="core goals" bash bench/gpu_check.sh            # the core goals' rows alone
 #   CORE_KERNELS=compiled,compiled:unrolled CORE_AVATARS=0,8 PARTS=core ...  # the passes' two layouts of the
-#                                                   # Avatars (akd_cli.core.fused.LAYOUT) side by side
+#                                                   # Avatars (akd_cli.core.fused.LAYOUT) side by side; the tests
+#                                                   # part then also checks the unrolled layout against the loop
 #   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled 8:compiled:unrolled" bash bench/gpu_check.sh
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
@@ -69,7 +70,8 @@ if $PY -c "import mmcv.ops, mmdet" 2>> "$ERR"; then MM=1; say "mmcv-full and mmd
 part_tests() {
   part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
   timeout "$(limit "${TESTS_LIMIT:-240}")" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-      -k "avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks or non_finite_features_on_the_gpu or own_drop_rate$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')" \
+      -k "avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks or non_finite_features_on_the_gpu or own_drop_rate$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')$(
+        case "${CORE_KERNELS:-}${PROFILES}" in *unrolled*) echo ' or unrolled_layout' ;; esac)" \
       > "$OUT_DIR/tests.txt" 2>&1
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
 }

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from akd_cli import AKDLoss
-from akd_cli.core import BASE_LOSSES
+from akd_cli.core import BASE_LOSSES, fused
 from conftest import TINY, run_akd
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -142,6 +142,20 @@ def test_compiled_avatar_passes_equal_the_loop_on_cuda(base, uncertainty):
     from test_fused import _assert_same, _steps
 
     shapes = [(2, 256, 100, 168), (2, 256, 50, 84), (2, 256, 7, 11)]
+    run = dict(steps=2, drop_rate=0.1, shapes=shapes, device="cuda")
+    _assert_same(_steps("loop", base, uncertainty, "mean", 8, **run),
+                 _steps("compiled", base, uncertainty, "mean", 8, **run))
+
+
+@pytest.mark.parametrize("base,uncertainty", [("maskd", "release"), ("cwd", "paper")])
+def test_unrolled_layout_equals_the_loop_on_cuda(monkeypatch, base, uncertainty):
+    """fused.LAYOUT "unrolled" (K expressions over one hash) as Triton kernels: what gpu_check.sh
+    times against the default layout must compute the loop's values (its tests part runs this when
+    the call times that layout)."""
+    from test_fused import _assert_same, _steps
+
+    monkeypatch.setattr(fused, "LAYOUT", "unrolled")
+    shapes = [(2, 256, 100, 168), (2, 256, 7, 11)]
     run = dict(steps=2, drop_rate=0.1, shapes=shapes, device="cuda")
     _assert_same(_steps("loop", base, uncertainty, "mean", 8, **run),
                  _steps("compiled", base, uncertainty, "mean", 8, **run))
