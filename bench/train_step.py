@@ -4,6 +4,7 @@ and AKD with 1, 4 and 8 Avatars. Random weights and a random batch (the cost doe
     python bench/train_step.py                       # tiny preset, 128 px, batch 8, CPU
     python bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda
     python bench/train_step.py ... --avatar-kernels loop,compiled    # both Avatar kernels, side by side
+    python bench/train_step.py ... --avatar-kernels compiled,compiled:unrolled   # the passes' two layouts
 
 Step times: all configurations built in one process and timed round-robin (drift of a shared
 machine then falls on all alike), medians after a warm-up step. Peak memory, each configuration's
@@ -44,11 +45,15 @@ def build_step(preset_name: str, method, avatars: int, width: int, height: int, 
     import torch
 
     import akd_cli.mm.distiller  # noqa: F401
+    from akd_cli.core import fused
     from akd_cli.mm.config import build_config
     from akd_cli.options import TrainOptions
     from akd_cli.presets import load_preset
+    from core_losses import with_layout
     from mmdet.models import build_detector
 
+    kernel = with_layout(kernel)
+    layout = fused.LAYOUT  # the configurations share a process, and take turns: each sets its own
     torch.manual_seed(0)
     preset = load_preset(preset_name)
     # the baseline has no Avatars to set (TrainOptions refuses the option there)
@@ -76,6 +81,7 @@ def build_step(preset_name: str, method, avatars: int, width: int, height: int, 
         labels.append(torch.randint(0, num_classes, (6,), generator=gen).to(device))
 
     def step():
+        fused.LAYOUT = layout
         optimizer.zero_grad(set_to_none=True)
         loss, _ = model._parse_losses(model.forward_train(img, metas, boxes, labels))
         loss.backward()
