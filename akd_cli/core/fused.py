@@ -90,9 +90,9 @@ def one_avatar(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Ten
 #   all.
 # - "unrolled": K expressions over one element hash, whose reductions over the same ranges inductor
 #   fuses into one loop that reads and hashes each element once for all K (common subexpressions).
-#   On the CPU (inductor's C++ code, R50-FPN shapes, 8 Avatars) that took 14% to 33% less time per
-#   loss call, but compiled 2.8 to 4 times as long (MasKD: 256 s instead of 63), and took more time
-#   per call on tiny maps (bench/RESULTS.md). Not yet measured on a GPU, where the loss is bound by
+#   On the CPU (inductor's C++ code, R50-FPN shapes, 8 Avatars) that took 14% to 43% less time per
+#   loss call, but compiled 2.8 to 3.9 times as long (MasKD: 256 s instead of 65), and took more time
+#   per call on tiny maps (bench/RESULTS.md, "The passes' two layouts"). Not yet measured on a GPU, where the loss is bound by
 #   the host; "stacked" stays the default until it is.
 # Dynamo guards on this global: changing it recompiles, no stale graph is served.
 LAYOUT = "stacked"
@@ -136,8 +136,8 @@ def _spans(groups: List[torch.Tensor]):
 
 def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
                sigma: bool, per_avatar_channel: bool, per_image_channel: bool) -> Dict[str, torch.Tensor]:
-    """Pass 1: the raw Avatars' statistics the options need (float32): one pass over the teacher
-    per reduction shape."""
+    """Pass 1: the raw Avatars' statistics the options need (float32): one loop over the teacher per
+    reduction shape."""
     groups = avatar_groups(teacher, keys, drop)
     out = {}
     if sigma:
