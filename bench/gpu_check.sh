@@ -11,6 +11,7 @@
 #   CORE_KERNELS=compiled,compiled:unrolled CORE_AVATARS=0,8 PARTS=core ...  # the passes' two layouts of the
 #                                                   # Avatars (akd_cli.core.fused.LAYOUT) side by side; the tests
 #                                                   # part then also checks the unrolled layout against the loop
+#   TRAIN_KERNELS=loop,compiled,compiled:unrolled PARTS=train ...          # the step with both layouts
 #   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled 8:compiled:unrolled" bash bench/gpu_check.sh
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
@@ -71,7 +72,7 @@ part_tests() {
   part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
   timeout "$(limit "${TESTS_LIMIT:-240}")" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
       -k "avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks or non_finite_features_on_the_gpu or own_drop_rate$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')$(
-        case "${CORE_KERNELS:-}${PROFILES}" in *unrolled*) echo ' or unrolled_layout' ;; esac)" \
+        case "${CORE_KERNELS:-}${TRAIN_KERNELS:-}${PROFILES}" in *unrolled*) echo ' or unrolled_layout' ;; esac)" \
       > "$OUT_DIR/tests.txt" 2>&1
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
 }
@@ -106,10 +107,10 @@ part_profile() {
 }
 
 part_train() {
-  part_start "training step: fcos-r101-r50, 1333x800, batch 2, loop and compiled"
+  part_start "training step: fcos-r101-r50, 1333x800, batch 2, ${TRAIN_KERNELS:-loop,compiled}"
   if [ $MM = 1 ]; then
     timeout "$(limit "${TRAIN_LIMIT:-300}")" $PY bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda \
-        --repeats 20 --avatar-kernels loop,compiled --json "$OUT_DIR/train_step.json" 2>> "$ERR" | tee -a "$LOG"
+        --repeats 20 --avatar-kernels "${TRAIN_KERNELS:-loop,compiled}" --json "$OUT_DIR/train_step.json" 2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
   else
     say "skipped: mmcv-full (CUDA ops) and mmdet do not import, and no mmcv_full wheel in $WHEELS"
