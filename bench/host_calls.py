@@ -9,10 +9,11 @@ reads of a tensor's value (on a GPU, each waits for all queued work), and the to
 makes after its last read (``per_level``): the work a read before them keeps from overlapping the
 GPU's.
 
-    python bench/host_calls.py [--device cpu|cuda] [--repeats 200] [--json out.json] [--root TREE]
+    python bench/host_calls.py [--device cpu|cuda] [--repeats 200] [--json out.json] [--root TREE] [--unrolled]
 
 ``--root`` imports akd_cli from another checkout (a git worktree of an older commit), to compare
-two commits in one run on one machine.
+two commits in one run on one machine. ``--unrolled`` adds the compiled 8-Avatar rows with the
+passes' other layout of the Avatars (``akd_cli.core.fused.LAYOUT``; minutes more of compilation).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ CONFIGURATIONS = [  # (base, factor, kernel, Avatars)
     ("maskd", "release", "loop", 0), ("maskd", "release", "loop", 1), ("maskd", "release", "loop", 8),
     ("maskd", "release", "compiled", 1), ("maskd", "release", "compiled", 8),
 ]
+UNROLLED = [("cwd", "paper", "compiled:unrolled", 8), ("maskd", "release", "compiled:unrolled", 8)]
 READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist"}
 
 
@@ -39,6 +41,7 @@ def measure(base: str, factor: str, kernel: str, avatars: int, device: str, repe
 
     from akd_cli import AKDLoss
     from akd_cli.core import fused
+    from core_losses import with_layout
 
     class Reads(TorchFunctionMode):
         def __init__(self):
@@ -54,7 +57,7 @@ def measure(base: str, factor: str, kernel: str, avatars: int, device: str, repe
 
     torch.manual_seed(0)
     options = dict(channels=16, num_levels=len(SHAPES), student_masks_after=1) if base == "maskd" else {}
-    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=factor, avatar_kernel=kernel,
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=factor, avatar_kernel=with_layout(kernel),
                       **options).to(device)
     students = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
     teachers = [torch.randn(s, device=device) for s in SHAPES]
@@ -108,6 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--json")
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    parser.add_argument("--unrolled", action="store_true", help="also the compiled rows with the unrolled layout")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.root))
     import torch._dynamo
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
     # One process meets ten configurations, more than dynamo's default 8 compilations per function;
     # akd raises the limit for its passes since 8b84b0f, older checkouts do not: the same for both.
     torch._dynamo.config.recompile_limit = 64
-    rows = [measure(*configuration, device=args.device, repeats=args.repeats) for configuration in CONFIGURATIONS]
+    configurations = CONFIGURATIONS + (UNROLLED if args.unrolled else [])
+    rows = [measure(*configuration, device=args.device, repeats=args.repeats) for configuration in configurations]
     print("| base, factor | kernel | Avatars | host time per loss call (fwd+bwd), median [q1, q3] | compiled calls "
           "| reads | torch calls after the last read |")
     print("|---|---|---|---|---|---|---|")
