@@ -45,12 +45,9 @@ def with_layout(kernel: str) -> str:
     layouts = getattr(fused, "LAYOUTS", ())  # none in a checkout older than the layouts (--root)
     if layout and layout not in layouts:
         raise SystemExit(f"unknown layout {layout!r}; expected one of {', '.join(layouts) or 'none here'}")
-    default = _DEFAULT_LAYOUT.setdefault("layout", getattr(fused, "LAYOUT", None))
-    fused.LAYOUT = layout or default
+    if layouts:
+        fused.LAYOUT = layout or layouts[0]
     return name
-
-
-_DEFAULT_LAYOUT: dict = {}
 
 
 def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str = "release",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from akd_cli import AKDLoss
-from akd_cli.core import BASE_LOSSES, fused
+from akd_cli.core import BASE_LOSSES, counter_rng, fused
 from conftest import TINY, run_akd
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -220,8 +220,6 @@ def test_a_loss_call_synchronises_once_after_queuing_all_its_work(base, uncertai
 
 def test_gpu_dropout_masks_equal_the_cpus_eager_and_compiled():
     """The GPU hashes in wrapping int32 (eager and Triton), the CPU in int64: the same Avatars."""
-    from akd_cli.core import counter_rng, fused
-
     shape = (2, 256, 100, 168)
     keys = counter_rng.avatar_keys(torch.tensor(123456789), torch.arange(8))
     on_gpu = tuple(x.cuda() for x in keys)

@@ -199,11 +199,11 @@ def test_compiled_passes_compile_once_for_changing_batch_shapes():
     """A detector's padded batch shape changes from batch to batch, and with it which sizes happen to
     coincide: a level's height, then a level's width, equals the channel count (16), then no sizes
     coincide, then a level's height equals another's width. One graph per pass must serve every
-    shape: with duck sizing
-    (torch's default) each new pattern of equal sizes was a recompilation. Three levels, a count no
-    other test compiles, so that no graph compiled before serves these shapes. The maps keep their
-    size classes: inductor's C++ code guards on a reduction's size passing 4096 (level 0's
-    images x positions above, level 1's below), a bounded choice of kernel, not one per shape."""
+    shape: with duck sizing (torch's default) each new pattern of equal sizes was a recompilation.
+    Three levels, a count no other test compiles, so that no graph compiled before serves these
+    shapes. The maps keep their size classes: inductor's C++ code guards on a reduction's size
+    passing 4096 (level 0's images x positions above, level 1's below), a bounded choice of kernel,
+    not one per shape."""
     from torch._dynamo.utils import counters
 
     loss_fn = AKDLoss(base="cwd", num_avatars=3, uncertainty="paper", avatar_kernel="compiled")

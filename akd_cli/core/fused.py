@@ -91,12 +91,12 @@ def one_avatar(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Ten
 # - "unrolled": K expressions over one element hash, whose reductions over the same ranges inductor
 #   fuses into one loop that reads and hashes each element once for all K (common subexpressions).
 #   On the CPU (inductor's C++ code, R50-FPN shapes, 8 Avatars) that took 14% to 43% less time per
-#   loss call, but compiled 2.8 to 3.9 times as long (MasKD: 256 s instead of 65), and took more time
-#   per call on tiny maps (bench/RESULTS.md, "The passes' two layouts"). Not yet measured on a GPU, where the loss is bound by
-#   the host; "stacked" stays the default until it is.
+#   loss call, but compiled 2.8 to 3.9 times as long (MasKD: 256 s instead of 65), and took more
+#   time per call on tiny maps (bench/RESULTS.md, "The passes' two layouts"). Not yet measured on a
+#   GPU, where the loss is bound by the host; "stacked" stays the default until it is.
 # Dynamo guards on this global: changing it recompiles, no stale graph is served.
-LAYOUT = "stacked"
-LAYOUTS = ("stacked", "unrolled")
+LAYOUTS = ("stacked", "unrolled")  # the first is the default
+LAYOUT = LAYOUTS[0]
 
 
 def avatar_groups(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> List[torch.Tensor]:
@@ -113,7 +113,7 @@ def avatar_groups(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> List[t
 
 
 def raw_avatars(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Tensor:
-    """K x N x C x H x W float32 Avatars (virtual when compiled)."""
+    """All K Avatars as one K x N x C x H x W float32 tensor (stored: for checks, not the passes)."""
     return torch.cat(avatar_groups(teacher, keys, drop))
 
 
