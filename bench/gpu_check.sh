@@ -12,6 +12,8 @@
 #                                                   # Avatars (akd_cli.core.fused.LAYOUT) side by side; the tests
 #                                                   # part then also checks the unrolled layout against the loop
 #   TRAIN_KERNELS=loop,compiled,compiled:unrolled PARTS=train ...          # the step with both layouts
+#   TRAIN_AVATARS=1,8 ...                          # the step's AKD rows: these Avatar counts (default 1,4,8)
+#   TESTS_K="unrolled_layout or dropout_masks" PARTS=tests ...              # these CUDA tests (pytest -k) instead
 #   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled 8:compiled:unrolled" bash bench/gpu_check.sh
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
@@ -71,8 +73,8 @@ if $PY -c "import mmcv.ops, mmdet" 2>> "$ERR"; then MM=1; say "mmcv-full and mmd
 part_tests() {
   part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
   timeout "$(limit "${TESTS_LIMIT:-240}")" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-      -k "avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks or non_finite_features_on_the_gpu or own_drop_rate$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')$(
-        case "${CORE_KERNELS:-}${TRAIN_KERNELS:-}${PROFILES}" in *unrolled*) echo ' or unrolled_layout' ;; esac)" \
+      -k "${TESTS_K:-avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks or non_finite_features_on_the_gpu or own_drop_rate$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')$(
+        case "${CORE_KERNELS:-}${TRAIN_KERNELS:-}${PROFILES}" in *unrolled*) echo ' or unrolled_layout' ;; esac)}" \
       > "$OUT_DIR/tests.txt" 2>&1
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
 }
@@ -110,7 +112,7 @@ part_train() {
   part_start "training step: fcos-r101-r50, 1333x800, batch 2, ${TRAIN_KERNELS:-loop,compiled}"
   if [ $MM = 1 ]; then
     timeout "$(limit "${TRAIN_LIMIT:-300}")" $PY bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda \
-        --repeats 20 --avatar-kernels "${TRAIN_KERNELS:-loop,compiled}" --json "$OUT_DIR/train_step.json" 2>> "$ERR" | tee -a "$LOG"
+        --repeats 20 --avatar-kernels "${TRAIN_KERNELS:-loop,compiled}" --avatars "${TRAIN_AVATARS:-1,4,8}" --json "$OUT_DIR/train_step.json" 2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
   else
     say "skipped: mmcv-full (CUDA ops) and mmdet do not import, and no mmcv_full wheel in $WHEELS"

@@ -26,12 +26,15 @@ import time
 from memory import CPU_MEMORY_ENV, step_peak
 
 
-def configurations(kernels=("loop",)):
+AVATARS = (1, 4, 8)
+
+
+def configurations(kernels=("loop",), avatars=AVATARS):
     """(label, method, Avatars, kernel): the two plain configurations, then AKD per kernel."""
     rows = [("no distillation", "none", 0, "loop"), ("base loss", None, 0, "loop")]
     for kernel in kernels:
         suffix = "" if len(kernels) == 1 else f" ({kernel})"
-        rows += [(f"AKD, {k} Avatar{'s' if k > 1 else ''}{suffix}", None, k, kernel) for k in (1, 4, 8)]
+        rows += [(f"AKD, {k} Avatar{'s' if k > 1 else ''}{suffix}", None, k, kernel) for k in avatars]
     return rows
 
 
@@ -138,11 +141,12 @@ def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
         {name: [1000 * q for q in statistics.quantiles(values, n=4)[::2]] for name, values in times.items()}
 
 
-def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int, kernels=("loop",)) -> list:
+def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int, kernels=("loop",),
+            avatars=AVATARS) -> list:
     """Times: all configurations in one process, interleaved. Peak memory: on CUDA in that process
     (cuda_peaks), on the CPU one fresh process each (with CPU_MEMORY_ENV; see bench/README.md)."""
     common = [__file__, "--preset", preset, "--size", size, "--batch", str(batch), "--device", device,
-              "--warmup", str(warmup), "--avatar-kernels", ",".join(kernels)]
+              "--warmup", str(warmup), "--avatar-kernels", ",".join(kernels), "--avatars", ",".join(map(str, avatars))]
     out = subprocess.run([sys.executable, *common, "--repeats", str(repeats), "--time-all"],
                          capture_output=True, text=True)
     if out.returncode != 0:
@@ -150,10 +154,10 @@ def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeat
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     times, quartiles = measured["times"], measured["quartiles"]
     rows = []
-    for label, method, avatars, kernel in configurations(kernels):
-        peak = measured["peaks"][label] if device == "cuda" else _peak_in_fresh_process(common, method, avatars, kernel,
+    for label, method, count, kernel in configurations(kernels, avatars):
+        peak = measured["peaks"][label] if device == "cuda" else _peak_in_fresh_process(common, method, count, kernel,
                                                                                         device)
-        rows.append({"label": label, "avatars": avatars, "kernel": kernel, "ms": times[label],
+        rows.append({"label": label, "avatars": count, "kernel": kernel, "ms": times[label],
                      "ms_quartiles": quartiles[label], "peak_mib": peak})
         print(f"  {label:>16}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows
@@ -188,11 +192,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--json")
-    parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled")
+    parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled, compiled:unrolled")
+    parser.add_argument("--avatars", default=",".join(map(str, AVATARS)), help="comma-separated Avatar counts of the AKD rows")
     parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--time-all", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     kernels = tuple(args.avatar_kernels.split(","))
+    avatars = tuple(int(k) for k in args.avatars.split(","))
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.size == "1333x800":
         width, height = 1344, 800  # what mmdet pads 1333x800 to (size_divisor 32)
@@ -203,13 +209,13 @@ def main() -> None:
         print(json.dumps(peak_memory(step, args.warmup, args.device)))
         return
     if args.time_all:
-        steps = {label: build_step(args.preset, method, avatars, width, height, args.batch, args.device, kernel)
-                 for label, method, avatars, kernel in configurations(kernels)}
+        steps = {label: build_step(args.preset, method, count, width, height, args.batch, args.device, kernel)
+                 for label, method, count, kernel in configurations(kernels, avatars)}
         times, quartiles = interleaved_times(steps, rounds=max(args.repeats // 2, 1), per_round=2)
         print(json.dumps({"times": times, "quartiles": quartiles,
                           "peaks": cuda_peaks(steps) if args.device == "cuda" else None}))
         return
-    rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats, kernels)
+    rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats, kernels, avatars)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -208,16 +208,19 @@ def maskd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tokens,
     (N, float64: sum_k g sum_hw b_k |a_k|^2), b_k = sum_t w_t m_t^2 / (c sum_hw m_t)."""
     token = tokens.mask_token.float()                                                          # T x C
     g = _normalised_weights(weights)
+    groups = [(_seen(raw, rows, affines), rows) for raw, rows in _spans(avatar_groups(teacher, keys, drop))]
+    # The token weights of every group in one call of the head's products: per group, they would be
+    # two external kernels (a matrix product and a convolution) per group and level in the graph.
+    k, (n, c, h, w) = weights.shape[0], teacher.shape
+    windows = [tokens.windows(a.flatten(0, 1)) for a, _ in groups]
+    token_weights = tokens.weights_of_windows(torch.cat(windows), h * w).float().view(k, n, -1)  # K x N x T
     weighted, shares, constants = [], [], []
-    for raw, rows in _spans(avatar_groups(teacher, keys, drop)):
-        a = _seen(raw, rows, affines)
-        k, n, c, h, w = a.shape
+    for a, rows in groups:
         # A broadcast sum, not an einsum: a matrix product would make inductor store the Avatars.
         masks = torch.sigmoid((a.unsqueeze(2) * token[None, None, :, :, None, None]).sum(dim=3))  # G x N x T x H x W
         if student_masks is not None:
             masks = masks * student_masks.unsqueeze(0)
-        token_weights = tokens.weights(a.reshape(k * n, c, h, w)).float().view(k, n, -1)       # G x N x T
-        per_token = token_weights / (c * masks.sum(dim=(3, 4)))
+        per_token = token_weights[rows] / (c * masks.sum(dim=(3, 4)))
         position = (masks.pow(2) * per_token[..., None, None]).sum(dim=2, keepdim=True)        # G x N x 1 x H x W
         share = position * g[rows][:, :, None, None, None]
         weighted.append((a * share).sum(dim=0))

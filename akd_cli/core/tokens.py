@@ -50,11 +50,22 @@ class ReceptiveTokens(nn.Module):
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """N x T token weights summing to one per image (uniform without the weighting head)."""
+        return self.weights_of_windows(self.windows(x), x.shape[-2] * x.shape[-1]).to(x.dtype)
+
+    def windows(self, x: torch.Tensor) -> torch.Tensor:
+        """What the weights need of x (N x C x H x W): its ``window_sums``, or nothing (N x 0) when
+        the tokens are weighted uniformly."""
+        return window_sums(x) if self.prob is not None else x.new_zeros(x.shape[0], 0)
+
+    def weights_of_windows(self, windows: torch.Tensor, positions: int) -> torch.Tensor:
+        """The token weights (M x T) of M maps of ``positions`` positions each, from their 3x3 windows'
+        sums (``window_sums``, M x C x 3 x 3): apart from ``weights``, so that several groups of maps
+        share one call of the head's products (the fused Avatar passes, one group per Avatar)."""
         if self.prob is None:
-            return x.new_full((x.shape[0], self.num_tokens), 1.0 / self.num_tokens)
+            return windows.new_full((windows.shape[0], self.num_tokens), 1.0 / self.num_tokens)
         conv, _, head = self.prob  # self.prob(x) = head(pool(conv(x))), with pool(conv(x)) taken exactly but cheaply
-        logits = head(mean_of_conv3x3(conv, x).to(head.weight.dtype))
-        return torch.softmax(logits.flatten(1), dim=1).to(x.dtype)
+        logits = head(mean_of_conv3x3(conv, windows, positions).to(head.weight.dtype))
+        return torch.softmax(logits.flatten(1), dim=1)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The token-learning stage's view of a level: sum_t w_t m_t x, and the masks' Dice overlap."""
@@ -63,22 +74,28 @@ class ReceptiveTokens(nn.Module):
         return x * coverage.unsqueeze(1), dice_overlap(masks)
 
 
-def mean_of_conv3x3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The global average of a 3x3, padding-1 convolution of x (N x C_out x 1 x 1), without running it.
-
-    The mean of a linear map is the map of the means, and each of the 9 taps reads the whole map but
-    one edge row and/or column (zero padding). So nine window sums of x, taken in one pass, replace
-    C_out x C_in x 9 products at every position: MasKD's token weighting, which runs on every Avatar,
-    costs ~1% of the convolution on FPN maps (same value and gradients to float rounding).
-    """
-    h, w = x.shape[-2:]
+def window_sums(x: torch.Tensor) -> torch.Tensor:
+    """The sums of x (N x C x H x W) over the windows that the 9 taps of a 3x3, padding-1 convolution
+    read (N x C x 3 x 3, float32): each tap reads the whole map but one edge row and/or column (zero
+    padding), so all nine come from one pass over x."""
     with float32_reductions(x):
         x = x.float()                                                              # FPN sums exceed float16
         rows = x.sum(dim=-2)                                                       # N x C x W
         rows = torch.stack([rows - x[..., -1, :], rows, rows - x[..., 0, :]], dim=2)  # tap rows 0, 1, 2
         columns = rows.sum(dim=-1)
-        taps = torch.stack([columns - rows[..., -1], columns, columns - rows[..., 0]], dim=3)  # N x C x 3 x 3
-        mean = torch.einsum("ocij,ncij->no", conv.weight.float(), taps) / (h * w)
+        return torch.stack([columns - rows[..., -1], columns, columns - rows[..., 0]], dim=3)
+
+
+def mean_of_conv3x3(conv: nn.Conv2d, windows: torch.Tensor, positions: int) -> torch.Tensor:
+    """The global average of a 3x3, padding-1 convolution (N x C_out x 1 x 1) of maps of ``positions``
+    positions, from their ``window_sums``, without running it.
+
+    The mean of a linear map is the map of the means: nine window sums replace C_out x C_in x 9
+    products at every position, so MasKD's token weighting, which runs on every Avatar, costs ~1% of
+    the convolution on FPN maps (same value and gradients to float rounding).
+    """
+    with float32_reductions(windows):
+        mean = torch.einsum("ocij,ncij->no", conv.weight.float(), windows.float()) / positions
     if conv.bias is not None:
         mean = mean + conv.bias.float()
     return mean[..., None, None]
