@@ -6,9 +6,10 @@ once per configuration (and the MasKD warm-up's switch to the student's masks on
     python bench/compile_time.py [--device cpu|cuda] [--shapes tiny|r50] [--root TREE] [--layout unrolled]
 
 Each configuration runs in its own process with its own empty cache folder (what a fresh machine
-has), so no compilation is found on disk. ``--layout`` picks the passes' layout of the Avatars
-(``akd_cli.core.fused.LAYOUT``; its default without). ``--root`` imports akd_cli from another checkout (a git
-worktree of an older commit), to compare two commits on one machine.
+has), so no compilation is found on disk. ``--layout`` puts every pass in that layout of the Avatars
+(``akd_cli.core.fused.LAYOUT``; without it, each base loss's own: ``fused.PASS_LAYOUTS``).
+``--root`` imports akd_cli from another checkout (a git worktree of an older commit), to compare
+two commits on one machine.
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    parser.add_argument("--layout", default="", help="the passes' layout of the Avatars (akd_cli.core.fused.LAYOUTS)")
+    parser.add_argument("--layout", default="",
+                        help="every pass in this layout of the Avatars (akd_cli.core.fused.LAYOUTS); "
+                             "default: each base loss's own")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

@@ -13,9 +13,10 @@ memory allocated before the step, after a reset.
                                 [--avatar-kernels loop,compiled] [--root OTHER_CHECKOUT]
 
 With several --avatar-kernels, each base loss gets one row per kernel, measured in the same run
-against the same plain loss (the kernels differ only with Avatars). ``compiled:unrolled`` is the
-compiled kernel with the passes' other layout of the Avatars (``akd_cli.core.fused.LAYOUT``). The
-compiled kernel's first two steps (its compilation) are warm-up.
+against the same plain loss (the kernels differ only with Avatars). ``compiled`` holds the Avatars
+in each base loss's own layout (``akd_cli.core.fused.PASS_LAYOUTS``); ``compiled:stacked`` and
+``compiled:unrolled`` put every pass in that layout (``fused.LAYOUT``). The compiled kernel's first
+two steps (its compilation) are warm-up.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ ROOT = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # where
 
 
 def with_layout(kernel: str) -> str:
-    """The avatar kernel of ``KERNEL[:LAYOUT]``, with the passes' layout set for this process (the
-    default layout without one)."""
+    """The avatar kernel of ``KERNEL[:LAYOUT]``, with the passes' layout set for this process (each
+    base loss's own without one)."""
     from akd_cli.core import fused
 
     name, _, layout = kernel.partition(":")
@@ -46,7 +47,8 @@ def with_layout(kernel: str) -> str:
     if layout and layout not in layouts:
         raise SystemExit(f"unknown layout {layout!r}; expected one of {', '.join(layouts) or 'none here'}")
     if layouts:
-        fused.LAYOUT = layout or layouts[0]
+        # a checkout from before the per-base layouts (--root) had a layout string as its default
+        fused.LAYOUT = layout or (None if hasattr(fused, "PASS_LAYOUTS") else layouts[0])
     return name
 
 

@@ -8,12 +8,13 @@
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
 #   (parts: tests, train, host, core, profile, goals; default "tests train host core goals")
 #   CORE_AVATARS=0,8 PARTS="core goals" bash bench/gpu_check.sh            # the core goals' rows alone
-#   CORE_KERNELS=compiled,compiled:unrolled CORE_AVATARS=0,8 PARTS=core ...  # the passes' two layouts of the
-#                                                   # Avatars (akd_cli.core.fused.LAYOUT) side by side; the tests
-#                                                   # part then also checks the unrolled layout against the loop
-#   TRAIN_KERNELS=loop,compiled,compiled:unrolled PARTS=train ...          # the step with both layouts
+#   CORE_KERNELS=compiled:stacked,compiled:unrolled CORE_AVATARS=0,8 PARTS=core ...  # the passes' two layouts of
+#                                                   # the Avatars (akd_cli.core.fused.LAYOUT; "compiled" alone:
+#                                                   # each base loss's own, PASS_LAYOUTS) side by side; the tests
+#                                                   # part then also checks each base's other layout against the loop
+#   TRAIN_KERNELS=loop,compiled:stacked,compiled:unrolled PARTS=train ...  # the step with both layouts
 #   TRAIN_AVATARS=1,8 ...                          # the step's AKD rows: these Avatar counts (default 1,4,8)
-#   TESTS_K="unrolled_layout or dropout_masks" PARTS=tests ...              # these CUDA tests (pytest -k) instead
+#   TESTS_K="other_layout or dropout_masks" PARTS=tests ...              # these CUDA tests (pytest -k) instead
 #   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled 8:compiled:unrolled" bash bench/gpu_check.sh
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
@@ -74,7 +75,7 @@ part_tests() {
   part_start "correctness: the compiled Avatar passes on CUDA (tests/test_cuda.py)"
   timeout "$(limit "${TESTS_LIMIT:-240}")" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
       -k "${TESTS_K:-avatar_passes or base_losses_on_the_gpu or synchronises_once or dropout_masks or non_finite_features_on_the_gpu or own_drop_rate$([ $MM = 1 ] && echo ' or mmcv_ops or cuda_nms or focal_loss')$(
-        case "${CORE_KERNELS:-}${TRAIN_KERNELS:-}${PROFILES}" in *unrolled*) echo ' or unrolled_layout' ;; esac)}" \
+        case "${CORE_KERNELS:-}${TRAIN_KERNELS:-}${PROFILES}" in *:stacked*|*:unrolled*) echo ' or other_layout' ;; esac)}" \
       > "$OUT_DIR/tests.txt" 2>&1
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
 }

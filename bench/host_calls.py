@@ -12,8 +12,8 @@ GPU's.
     python bench/host_calls.py [--device cpu|cuda] [--repeats 200] [--json out.json] [--root TREE] [--unrolled]
 
 ``--root`` imports akd_cli from another checkout (a git worktree of an older commit), to compare
-two commits in one run on one machine. ``--unrolled`` adds the compiled 8-Avatar rows with the
-passes' other layout of the Avatars (``akd_cli.core.fused.LAYOUT``; minutes more of compilation).
+two commits in one run on one machine. ``--unrolled`` adds the compiled 8-Avatar rows with every
+pass in the unrolled layout of the Avatars (``akd_cli.core.fused.LAYOUT``; minutes more of compilation).
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ configuration (R50-FPN shapes at 1333x800, batch 2, as bench/core_losses.py), af
 
     python bench/profile_core.py --base cwd --uncertainty paper --avatars 8 --avatar-kernel compiled [--hash-bits 64]
 
-``--avatar-kernel compiled:unrolled``: the compiled passes with their other layout of the Avatars
-(``akd_cli.core.fused.LAYOUT``).
+``--avatar-kernel compiled:unrolled`` (or ``:stacked``): the compiled passes, every one in that
+layout of the Avatars (``akd_cli.core.fused.LAYOUT``; ``compiled`` alone: each base loss's own).
 """
 from __future__ import annotations
 

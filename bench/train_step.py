@@ -4,7 +4,7 @@ and AKD with 1, 4 and 8 Avatars. Random weights and a random batch (the cost doe
     python bench/train_step.py                       # tiny preset, 128 px, batch 8, CPU
     python bench/train_step.py --preset fcos-r101-r50 --size 1333x800 --batch 2 --device cuda
     python bench/train_step.py ... --avatar-kernels loop,compiled    # both Avatar kernels, side by side
-    python bench/train_step.py ... --avatar-kernels compiled,compiled:unrolled   # the passes' two layouts
+    python bench/train_step.py ... --avatar-kernels compiled:stacked,compiled:unrolled   # the passes' two layouts
 
 Step times: all configurations built in one process and timed round-robin (drift of a shared
 machine then falls on all alike), medians after a warm-up step. Peak memory, each configuration's

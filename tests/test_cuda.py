@@ -148,13 +148,14 @@ def test_compiled_avatar_passes_equal_the_loop_on_cuda(base, uncertainty):
 
 
 @pytest.mark.parametrize("base,uncertainty", [("maskd", "release"), ("cwd", "paper")])
-def test_unrolled_layout_equals_the_loop_on_cuda(monkeypatch, base, uncertainty):
-    """fused.LAYOUT "unrolled" (K expressions over one hash) as Triton kernels: what gpu_check.sh
-    times against the default layout must compute the loop's values (its tests part runs this when
-    the call times that layout)."""
+def test_the_other_layout_equals_the_loop_on_cuda(monkeypatch, base, uncertainty):
+    """Each base loss's passes in the layout that is not its own (fused.PASS_LAYOUTS: MasKD's is
+    unrolled, CWD's stacked), as Triton kernels: what gpu_check.sh times against its own layout must
+    compute the loop's values too (its tests part runs this when the call times a forced layout)."""
     from test_fused import _assert_same, _steps
 
-    monkeypatch.setattr(fused, "LAYOUT", "unrolled")
+    own = fused.PASS_LAYOUTS[BASE_LOSSES[base].teacher_pass]
+    monkeypatch.setattr(fused, "LAYOUT", next(layout for layout in fused.LAYOUTS if layout != own))
     shapes = [(2, 256, 100, 168), (2, 256, 7, 11)]
     run = dict(steps=2, drop_rate=0.1, shapes=shapes, device="cuda")
     _assert_same(_steps("loop", base, uncertainty, "mean", 8, **run),

@@ -16,6 +16,7 @@ import torch
 from akd_cli import AKDLoss
 from akd_cli.core import counter_rng, fused
 from akd_cli.core.avatars import make_avatar
+from akd_cli.core.losses import BASE_LOSSES
 from akd_cli.core.tokens import ReceptiveTokens
 
 SHAPES = [(2, 16, 12, 10), (2, 16, 6, 5)]
@@ -148,12 +149,32 @@ def test_compiled_passes_equal_the_loop(base, uncertainty, weighting, avatars):
                           ("compiled", "mse", "release", "inverse_variance", 3), ("compiled", "cwd", "paper", "mean", 2),
                           ("compiled", "maskd", "release", "mean", 2)])
 def test_both_layouts_of_the_avatars_equal_the_loop(monkeypatch, kernel, base, uncertainty, weighting, avatars):
-    """fused.LAYOUT "unrolled" (K expressions over one hash) computes what "stacked" does; dynamo
-    guards on the global, so a process that changes it compiles again rather than reusing a graph."""
+    """Both layouts (fused.LAYOUT forces one for every pass) compute the loop's values: "unrolled",
+    K expressions over one hash, and "stacked", one K-fold expression. The passes take the layout as
+    an argument, on which dynamo specialises: a process that changes it compiles again rather than
+    reusing a graph."""
     loop = _steps("loop", base, uncertainty, weighting, avatars)
     for layout in ("unrolled", "stacked"):
         monkeypatch.setattr(fused, "LAYOUT", layout)
         _assert_same(loop, _steps(kernel, base, uncertainty, weighting, avatars))
+
+
+@pytest.mark.parametrize("base,uncertainty", [("cwd", "release"), ("mse", "release"), ("pkd", "paper"),
+                                              ("maskd", "release")])
+def test_each_base_losss_passes_take_its_own_layout(monkeypatch, base, uncertainty):
+    """Every pass of a base loss, its statistics too, holds the Avatars in the layout measured faster
+    for it (fused.PASS_LAYOUTS), unless fused.LAYOUT forces one."""
+    assert set(fused.PASS_LAYOUTS) == {BASE_LOSSES[name].teacher_pass for name in fused.FUSED_BASES}
+    seen = []
+    groups = fused.avatar_groups
+    monkeypatch.setattr(fused, "avatar_groups", lambda *args: seen.append(args[-1]) or groups(*args))
+    _steps("fused", base, uncertainty, "mean", 2, steps=1)
+    assert seen and set(seen) == {fused.PASS_LAYOUTS[BASE_LOSSES[base].teacher_pass]}
+    for layout in fused.LAYOUTS:
+        monkeypatch.setattr(fused, "LAYOUT", layout)
+        seen.clear()
+        _steps("fused", base, uncertainty, "mean", 2, steps=1)
+        assert seen and set(seen) == {layout}
 
 
 def test_one_seed_draw_one_keys_call_and_few_calls_per_pass_serve_all_levels(monkeypatch):
@@ -243,12 +264,10 @@ def _buffers(code: str):
 
 @pytest.mark.parametrize("name,layout", [(name, "stacked") for name in ("statistics", "cwd", "mse", "maskd", "cwd_levels")]
                          + [("statistics", "unrolled"), ("maskd", "unrolled")])
-def test_compiled_passes_store_no_avatar(monkeypatch, name, layout):
+def test_compiled_passes_store_no_avatar(name, layout):
     """The generated code allocates nothing near the size of the K Avatars: each Avatar element
     lives in registers, regenerated from the teacher and its mask in each pass."""
     from torch._inductor.utils import run_and_get_code
-
-    monkeypatch.setattr(fused, "LAYOUT", layout)
 
     n, c, h, w, k = 2, 32, 40, 10, 8
     torch.manual_seed(0)
@@ -263,11 +282,13 @@ def test_compiled_passes_store_no_avatar(monkeypatch, name, layout):
                  "maskd": (teacher, keys, drop, affines, weights, ReceptiveTokens(c, 6), None),
                  # two levels in one call, as AKDLoss makes it: each level's Avatars unstored too
                  "cwd_levels": ([(teacher, keys, drop, affines, weights, 1.0, 0.1),
-                                 (torch.randn(n, c, h // 2, w), keys, drop, affines, weights, 1.0, 0.1)], {})}[name]
+                                 (torch.randn(n, c, h // 2, w), keys, drop, affines, weights, 1.0, 0.1)],
+                                {"layout": layout})}[name]
+    keywords = {} if name.endswith("_levels") else {"layout": layout}
     compiled = torch.compile(fused.FUNCTIONS[name], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
     with torch.no_grad():
-        result, codes = run_and_get_code(compiled, *arguments)
-        expected = fused.FUNCTIONS[name](*arguments)
+        result, codes = run_and_get_code(compiled, *arguments, **keywords)
+        expected = fused.FUNCTIONS[name](*arguments, **keywords)
     for a, b in zip(torch.utils._pytree.tree_leaves(result), torch.utils._pytree.tree_leaves(expected)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     one_map = n * c * h * w

@@ -250,7 +250,8 @@ class AKDLoss(nn.Module):
             return [{} for _ in teachers]
         with torch.no_grad(), float32_reductions(teachers[0]):
             return fused_passes.levels("statistics", self.avatar_kernel == "compiled")(
-                [(teacher, level_keys, Drop.of(self.drop_rate)) for teacher, level_keys in zip(teachers, keys)], wanted)
+                [(teacher, level_keys, Drop.of(self.drop_rate)) for teacher, level_keys in zip(teachers, keys)],
+                dict(wanted, layout=fused_passes.layout_for(base.teacher_pass)))
 
     def _fused_losses(self, students: List[torch.Tensor], teachers: List[torch.Tensor], step: "_Step",
                       **context) -> List[torch.Tensor]:
@@ -303,7 +304,8 @@ class AKDLoss(nn.Module):
             bases.append(base)
             prepared.append(ready)
         with torch.no_grad(), float32_reductions(teachers[group[0]]):
-            terms = fused_passes.levels(bases[0].teacher_pass, self.avatar_kernel == "compiled")(arguments, {})
+            terms = fused_passes.levels(bases[0].teacher_pass, self.avatar_kernel == "compiled")(
+                arguments, {"layout": fused_passes.layout_for(bases[0].teacher_pass)})
         losses = []
         for level, base, ready, (phi_bar, constant) in zip(group, bases, prepared, terms):
             if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to

@@ -1,8 +1,8 @@
 r"""The teacher side of AKD for all K Avatars of a level at once, none of them stored: compiled
 (``torch.compile``: Triton on a GPU, C++ on the CPU), each Avatar element is regenerated in
 registers from the teacher element and a counter-based dropout mask (``akd_cli.core.counter_rng``)
-inside the few reductions that need it. All K Avatars share one element hash; ``LAYOUT`` says
-whether a pass holds them as one K x N x C x H x W expression or as K expressions.
+inside the few reductions that need it. All K Avatars share one element hash; a pass's ``layout``
+says whether it holds them as one K x N x C x H x W expression or as K expressions.
 
 What a step computes, for the base losses whose teacher side is a weighted sum (CWD, MSE, MGD, PKD,
 MasKD; see ``akd_cli.core.losses``), and how many passes over the teacher map it takes:
@@ -90,31 +90,43 @@ def one_avatar(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Ten
 #   all.
 # - "unrolled": K expressions over one element hash, whose reductions over the same ranges inductor
 #   fuses into one loop that reads and hashes each element once for all K (common subexpressions).
-#   On the CPU (inductor's C++ code, R50-FPN shapes, 8 Avatars) that took 14% to 43% less time per
-#   loss call, but compiled 2.8 to 3.9 times as long (MasKD: 256 s instead of 65), and took more
-#   time per call on tiny maps (bench/RESULTS.md, "The passes' two layouts"). Not yet measured on a
-#   GPU, where the loss is bound by the host; "stacked" stays the default until it is.
-# Dynamo guards on this global: changing it recompiles, no stale graph is served.
-LAYOUTS = ("stacked", "unrolled")  # the first is the default
-LAYOUT = LAYOUTS[0]
+#   It compiles 2.8 to 3.9 times as long (CPU, tiny maps, 8 Avatars; MasKD 256 s instead of 65).
+# Each base loss's passes (its ``teacher_pass``, and the statistics pass with it) take the layout
+# that was faster on an H100 (bench/RESULTS.md, "Both layouts on an NVIDIA H100", commit e8f4a9c:
+# release factor, R50-FPN shapes, 8 Avatars, medians of 20): CWD stacked (6.1 ms against 7.1
+# unrolled), MSE unrolled (6.9 ms against 10.4), MasKD unrolled (9.3 ms against 13.3; the
+# fcos-r101-r50 step, MasKD's, +1.5% over the base loss against +6.4%, inside that run's noise).
+# On the CPU (R50-FPN shapes) unrolled was 14% to 43% faster for all three.
+LAYOUTS = ("stacked", "unrolled")
+PASS_LAYOUTS = {"cwd": "stacked", "mse": "unrolled", "maskd": "unrolled"}
+# One of LAYOUTS puts every pass in that layout (benchmarks and tests compare them); None: PASS_LAYOUTS.
+LAYOUT: Optional[str] = None
 
 
-def avatar_groups(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> List[torch.Tensor]:
-    """The K float32 Avatars as G x N x C x H x W groups (virtual when compiled), in ``LAYOUT``'s
-    way: one group of K, or K groups of one. All come from one element hash
+def layout_for(teacher_pass: str) -> str:
+    """The layout of a base loss's passes (its ``teacher_pass``). Read on the host and handed to the
+    passes as an argument: dynamo specialises on a string argument, so each layout is its own graph."""
+    return LAYOUT or PASS_LAYOUTS[teacher_pass]
+
+
+def avatar_groups(teacher: torch.Tensor, keys, drop: counter_rng.Drop, layout: str) -> List[torch.Tensor]:
+    """The K float32 Avatars as G x N x C x H x W groups (virtual when compiled), as ``layout`` holds
+    them: one group of K ("stacked"), or K groups of one ("unrolled"). All come from one element hash
     (``counter_rng.element_hash``): each Avatar adds an xor and a multiply to it."""
     seed_key, key, mult = keys
     hashed = counter_rng.element_hash(teacher.shape, seed_key, counter_rng.hash_bits(key.device))
     t = teacher.float().unsqueeze(0)
     lead = (slice(None),) + (None,) * teacher.dim()
-    spans = [(0, key.shape[0])] if LAYOUT == "stacked" else [(k, k + 1) for k in range(key.shape[0])]
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    spans = [(0, key.shape[0])] if layout == "stacked" else [(k, k + 1) for k in range(key.shape[0])]
     return [counter_rng.dropout(t, counter_rng.keep_bits(hashed, key[a:b][lead], mult[a:b][lead], drop), drop)
             for a, b in spans]
 
 
-def raw_avatars(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Tensor:
+def raw_avatars(teacher: torch.Tensor, keys, drop: counter_rng.Drop, layout: str = "stacked") -> torch.Tensor:
     """All K Avatars as one K x N x C x H x W float32 tensor (stored: for checks, not the passes)."""
-    return torch.cat(avatar_groups(teacher, keys, drop))
+    return torch.cat(avatar_groups(teacher, keys, drop, layout))
 
 
 def _total(terms):
@@ -135,10 +147,10 @@ def _spans(groups: List[torch.Tensor]):
 
 
 def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
-               sigma: bool, per_avatar_channel: bool, per_image_channel: bool) -> Dict[str, torch.Tensor]:
+               sigma: bool, per_avatar_channel: bool, per_image_channel: bool, *, layout: str) -> Dict[str, torch.Tensor]:
     """Pass 1: the raw Avatars' statistics the options need (float32): one loop over the teacher per
     reduction shape."""
-    groups = avatar_groups(teacher, keys, drop)
+    groups = avatar_groups(teacher, keys, drop, layout)
     out = {}
     if sigma:
         t = teacher.float()
@@ -170,12 +182,12 @@ def _normalised_weights(weights: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=0, keepdim=True)
 
 
-def cwd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tau: float, scale: float):
+def cwd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tau: float, scale: float, *, layout: str):
     """CWD's phi_bar (N x C x HW) and constant (N, float64): the weighted mean of the Avatars'
     spatial softmaxes, and of sum_c (sum_hw p log p) times the loss's scale."""
     g = _normalised_weights(weights)                                                           # K x N
     phi_bars, constants = [], []
-    for raw, rows in _spans(avatar_groups(teacher, keys, drop)):
+    for raw, rows in _spans(avatar_groups(teacher, keys, drop, layout)):
         a = _seen(raw, rows, affines)
         logits = a.flatten(3) if tau == 1.0 else a.flatten(3) / tau                            # G x N x C x HW
         top = logits.amax(dim=3, keepdim=True)
@@ -190,12 +202,12 @@ def cwd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tau: floa
     return _total(phi_bars), _total(constants).double()
 
 
-def mse_terms(teacher, keys, drop: counter_rng.Drop, affines, weights):
+def mse_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, *, layout: str):
     """MSE's (and MGD's, PKD's) phi_bar (N x C x H x W, the weighted mean Avatar) and constant
     (N, float64: the weighted mean of |a_k|^2)."""
     g = _normalised_weights(weights)
     phi_bars, constants = [], []
-    for raw, rows in _spans(avatar_groups(teacher, keys, drop)):
+    for raw, rows in _spans(avatar_groups(teacher, keys, drop, layout)):
         a = _seen(raw, rows, affines)
         phi_bars.append((a * g[rows][:, :, None, None, None]).sum(dim=0))
         constants.append((a.pow(2).sum(dim=(2, 3, 4)) * g[rows]).sum(dim=0))
@@ -203,12 +215,12 @@ def mse_terms(teacher, keys, drop: counter_rng.Drop, affines, weights):
 
 
 def maskd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tokens,
-                student_masks: Optional[torch.Tensor]):
+                student_masks: Optional[torch.Tensor], *, layout: str):
     """MasKD's accumulator (N x (C+1) x H x W: sum_k g b_k a_k, then sum_k g b_k) and constant
     (N, float64: sum_k g sum_hw b_k |a_k|^2), b_k = sum_t w_t m_t^2 / (c sum_hw m_t)."""
     token = tokens.mask_token.float()                                                          # T x C
     g = _normalised_weights(weights)
-    groups = [(_seen(raw, rows, affines), rows) for raw, rows in _spans(avatar_groups(teacher, keys, drop))]
+    groups = [(_seen(raw, rows, affines), rows) for raw, rows in _spans(avatar_groups(teacher, keys, drop, layout))]
     # The token weights of every group in one call of the head's products: per group, they would be
     # two external kernels (a matrix product and a convolution) per group and level in the graph.
     k, (n, c, h, w) = weights.shape[0], teacher.shape
