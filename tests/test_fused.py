@@ -299,6 +299,29 @@ def test_compiled_passes_store_no_avatar(name, layout):
     assert max(sizes) <= 1.6 * one_map, sorted(sizes)[-3:]
 
 
+@pytest.mark.parametrize("layout", fused.LAYOUTS)
+def test_maskds_token_weights_are_one_head_call_for_all_avatars(layout):
+    """MasKD's token weights end in the head's products (a matrix product and a convolution), which
+    inductor leaves to external kernels: one call each per level for all K Avatars, also unrolled,
+    where each Avatar is its own group (per group, they were 2 K calls: host time on a GPU)."""
+    from torch._inductor.utils import run_and_get_code
+
+    n, c, h, w, k = 2, 16, 12, 10, 4
+    torch.manual_seed(0)
+    teacher = torch.randn(n, c, h, w)
+    keys = counter_rng.avatar_keys(torch.tensor(5), torch.arange(k))
+    arguments = (teacher, keys, counter_rng.Drop.of(0.1), [("mul", None, torch.rand(k, c) + 0.5)],
+                 torch.rand(k, n) + 0.5, ReceptiveTokens(c, 6), None)
+    compiled = torch.compile(fused.FUNCTIONS["maskd"], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
+    with torch.no_grad():
+        result, codes = run_and_get_code(compiled, *arguments, layout=layout)
+        expected = fused.FUNCTIONS["maskd"](*arguments, layout=layout)
+    for a, b in zip(result, expected):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    calls = [call for code in codes for call in re.findall(r"extern_kernels\.\w+", code)]
+    assert 1 <= len(calls) <= 2, calls
+
+
 # ------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("kwargs,message", [
     (dict(base="fgd", avatar_kernel="compiled", channels=16), "not a weighted sum"),
