@@ -9,11 +9,12 @@ reads of a tensor's value (on a GPU, each waits for all queued work), and the to
 makes after its last read (``per_level``): the work a read before them keeps from overlapping the
 GPU's.
 
-    python bench/host_calls.py [--device cpu|cuda] [--repeats 200] [--json out.json] [--root TREE] [--unrolled]
+    python bench/host_calls.py [--device cpu|cuda] [--repeats 200] [--json out.json] [--root TREE] [--layouts]
 
 ``--root`` imports akd_cli from another checkout (a git worktree of an older commit), to compare
-two commits in one run on one machine. ``--unrolled`` adds the compiled 8-Avatar rows with every
-pass in the unrolled layout of the Avatars (``akd_cli.core.fused.LAYOUT``; minutes more of compilation).
+two commits in one run on one machine. ``--layouts`` adds the compiled 8-Avatar rows with every
+pass in each layout of the Avatars (``akd_cli.core.fused.LAYOUT``; minutes more of compilation). Plain
+``compiled`` rows take each base loss's own layout (``fused.PASS_LAYOUTS``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ CONFIGURATIONS = [  # (base, factor, kernel, Avatars)
     ("maskd", "release", "loop", 0), ("maskd", "release", "loop", 1), ("maskd", "release", "loop", 8),
     ("maskd", "release", "compiled", 1), ("maskd", "release", "compiled", 8),
 ]
-UNROLLED = [("cwd", "paper", "compiled:unrolled", 8), ("maskd", "release", "compiled:unrolled", 8)]
+FORCED = [("cwd", "paper", 8), ("maskd", "release", 8)]  # --layouts: these compiled rows in each layout too
 READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist"}
 
 
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--json")
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    parser.add_argument("--unrolled", action="store_true", help="also the compiled rows with the unrolled layout")
+    parser.add_argument("--layouts", action="store_true",
+                        help="also the compiled 8-Avatar rows with every pass in each layout (fused.LAYOUT)")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.root))
     import torch._dynamo
@@ -119,7 +121,12 @@ def main(argv=None) -> int:
     # One process meets ten configurations, more than dynamo's default 8 compilations per function;
     # akd raises the limit for its passes since 8b84b0f, older checkouts do not: the same for both.
     torch._dynamo.config.recompile_limit = 64
-    configurations = CONFIGURATIONS + (UNROLLED if args.unrolled else [])
+    configurations = list(CONFIGURATIONS)
+    if args.layouts:
+        from akd_cli.core import fused
+
+        configurations += [(base, factor, f"compiled:{layout}", avatars)
+                           for base, factor, avatars in FORCED for layout in fused.LAYOUTS]
     rows = [measure(*configuration, device=args.device, repeats=args.repeats) for configuration in configurations]
     print("| base, factor | kernel | Avatars | host time per loss call (fwd+bwd), median [q1, q3] | compiled calls "
           "| reads | torch calls after the last read |")
