@@ -9,8 +9,9 @@
 
 Each goal is judged on medians, per Avatar kernel; a goal is met when some kernel meets it (a user
 picks the kernel), and the table names which. The step's quartiles are shown beside it: a verdict
-whose margin is inside them is the noise's as much as the code's. Figures absent from the folder
-are reported as not measured.
+whose margin is inside them is the noise's as much as the code's, and says so (the limit, base
+time plus the allowed percentage, within the best configuration's quartiles). Figures absent from
+the folder are reported as not measured.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def step_rows(rows: list) -> list:
         q = base.get("ms_quartiles")
         cells.append(f"base {base['ms']:.1f} ms" + (f", quartiles {q[0]:.0f}-{q[1]:.0f} ms" if q else ""))
         verdict = f"met ({best[0]['kernel']})" if best[1] <= limit else "not met"
+        q = best[0].get("ms_quartiles")
+        if q and q[0] <= base["ms"] * (1 + limit / 100) <= q[1]:
+            verdict += ", inside the noise (the limit lies within the quartiles)"
         out.append((f"{avatars} Avatar{'s' if avatars > 1 else ''} at most +{limit:g}% step time", "; ".join(cells),
                     verdict))
     changes = [(r, 100 * (r["peak_mib"] / base["peak_mib"] - 1)) for r in rows if r["avatars"] > 0]
