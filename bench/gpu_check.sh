@@ -19,6 +19,8 @@
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
 # compilation), train 201 s, core 110 s and more per factor (cut off there), host 43 s (then failing).
+# On 2026-11-27 at e8f4a9c: train with TRAIN_KERNELS=compiled,compiled:unrolled TRAIN_AVATARS=1,8 286 s,
+# tests (16 selected with TESTS_K) 236 s, core (release, CORE_AVATARS=0,8, both layouts) 202 s.
 # The default parts do not fit one 540 s budget: a second call on the still-warm machine (it waits
 # 30 s) with PARTS="core host goals" takes the rest, and goals.py can judge the two calls' files
 # put in one folder.
