@@ -161,7 +161,7 @@ def test_both_layouts_of_the_avatars_equal_the_loop(monkeypatch, kernel, base, u
 
 @pytest.mark.parametrize("base,uncertainty", [("cwd", "release"), ("mse", "release"), ("pkd", "paper"),
                                               ("maskd", "release")])
-def test_each_base_losss_passes_take_its_own_layout(monkeypatch, base, uncertainty):
+def test_each_base_loss_takes_its_own_layout_in_every_pass(monkeypatch, base, uncertainty):
     """Every pass of a base loss, its statistics too, holds the Avatars in the layout measured faster
     for it (fused.PASS_LAYOUTS), unless fused.LAYOUT forces one."""
     assert set(fused.PASS_LAYOUTS) == {BASE_LOSSES[name].teacher_pass for name in fused.FUSED_BASES}
