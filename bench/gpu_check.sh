@@ -14,6 +14,10 @@
 #                                                   # part then also checks each base's other layout against the loop
 #   TRAIN_KERNELS=loop,compiled:stacked,compiled:unrolled PARTS=train ...  # the step with both layouts
 #   TRAIN_AVATARS=1,8 ...                          # the step's AKD rows: these Avatar counts (default 1,4,8)
+#   CORE_ROOT=.old/a0632e4 CORE_BASES=cwd PARTS=core ...  # then the same core rows of another commit's akd_cli, in
+#                                                   # the same call (made here: mkdir -p .old/a0632e4 && git archive
+#                                                   # a0632e4 akd_cli | tar -x -C .old/a0632e4; .old/ is ignored:
+#                                                   # carry it); written to core_<factor>_<folder name>.json
 #   TESTS_K="other_layout or dropout_masks" PARTS=tests ...              # these CUDA tests (pytest -k) instead
 #   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled 8:compiled:unrolled" bash bench/gpu_check.sh
 #
@@ -87,10 +91,18 @@ part_core() {
     has_time "core ($factor factor)" || continue
     part_start "core ($factor factor): CWD, MSE, MasKD with ${CORE_AVATARS:-0,1,8} Avatars, ${CORE_KERNELS:-loop,compiled}"
     timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
-        --bases cwd,mse,maskd --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "${CORE_KERNELS:-loop,compiled}" \
+        --bases "${CORE_BASES:-cwd,mse,maskd}" --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "${CORE_KERNELS:-loop,compiled}" \
         --json "$OUT_DIR/core_$factor.json" \
         2>> "$ERR" | tee -a "$LOG"
     part_end "${PIPESTATUS[0]}"
+    if [ -n "${CORE_ROOT:-}" ] && has_time "core ($factor factor) of $CORE_ROOT"; then
+      part_start "core ($factor factor) of the checkout in $CORE_ROOT, the same configurations"
+      timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
+          --bases "${CORE_BASES:-cwd,mse,maskd}" --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "${CORE_KERNELS:-loop,compiled}" \
+          --root "$CORE_ROOT" --json "$OUT_DIR/core_${factor}_$(basename "$CORE_ROOT").json" \
+          2>> "$ERR" | tee -a "$LOG"
+      part_end "${PIPESTATUS[0]}"
+    fi
   done
 }
 
