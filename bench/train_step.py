@@ -192,7 +192,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--json")
-    parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled, compiled:stacked, compiled:unrolled")
+    parser.add_argument("--avatar-kernels", default="loop",
+                        help="comma-separated: loop, compiled, compiled:stacked, compiled:unrolled")
     parser.add_argument("--avatars", default=",".join(map(str, AVATARS)), help="comma-separated Avatar counts of the AKD rows")
     parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--time-all", action="store_true", help=argparse.SUPPRESS)
