@@ -173,7 +173,8 @@ def main() -> None:
     parser.add_argument("--uncertainty", default="release", help="the factor: release, paper or none")
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated base losses")
     parser.add_argument("--avatars", default=",".join(map(str, AVATARS)), help="comma-separated counts; 0 first")
-    parser.add_argument("--avatar-kernels", default="loop", help="comma-separated: loop, compiled, compiled:unrolled")
+    parser.add_argument("--avatar-kernels", default="loop",
+                        help="comma-separated: loop, compiled, compiled:stacked, compiled:unrolled")
     parser.add_argument("--one", nargs=3, metavar=("BASE", "AVATARS", "KERNEL"), help=argparse.SUPPRESS)
     parser.add_argument("--all-here", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", default=ROOT[0], help="import akd_cli from this checkout (another commit's worktree)")

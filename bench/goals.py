@@ -46,8 +46,8 @@ def step_rows(rows: list) -> list:
         q = base.get("ms_quartiles")
         cells.append(f"base {base['ms']:.1f} ms" + (f", quartiles {q[0]:.0f}-{q[1]:.0f} ms" if q else ""))
         verdict = f"met ({best[0]['kernel']})" if best[1] <= limit else "not met"
-        q = best[0].get("ms_quartiles")
-        if q and q[0] <= base["ms"] * (1 + limit / 100) <= q[1]:
+        best_q = best[0].get("ms_quartiles")
+        if best_q and best_q[0] <= base["ms"] * (1 + limit / 100) <= best_q[1]:
             verdict += ", inside the noise (the limit lies within the quartiles)"
         out.append((f"{avatars} Avatar{'s' if avatars > 1 else ''} at most +{limit:g}% step time", "; ".join(cells),
                     verdict))

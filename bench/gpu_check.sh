@@ -86,22 +86,23 @@ part_tests() {
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
 }
 
+# core_run FACTOR JSON [--root TREE]: the core rows of one factor, from this checkout's akd_cli or TREE's
+core_run() {
+  local factor=$1 json=$2; shift 2
+  timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
+      --bases "${CORE_BASES:-cwd,mse,maskd}" --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "${CORE_KERNELS:-loop,compiled}" \
+      --json "$json" "$@" 2>> "$ERR" | tee -a "$LOG"
+  part_end "${PIPESTATUS[0]}"
+}
+
 part_core() {
   for factor in $FACTORS; do
     has_time "core ($factor factor)" || continue
     part_start "core ($factor factor): CWD, MSE, MasKD with ${CORE_AVATARS:-0,1,8} Avatars, ${CORE_KERNELS:-loop,compiled}"
-    timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
-        --bases "${CORE_BASES:-cwd,mse,maskd}" --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "${CORE_KERNELS:-loop,compiled}" \
-        --json "$OUT_DIR/core_$factor.json" \
-        2>> "$ERR" | tee -a "$LOG"
-    part_end "${PIPESTATUS[0]}"
+    core_run "$factor" "$OUT_DIR/core_$factor.json"
     if [ -n "${CORE_ROOT:-}" ] && has_time "core ($factor factor) of $CORE_ROOT"; then
       part_start "core ($factor factor) of the checkout in $CORE_ROOT, the same configurations"
-      timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
-          --bases "${CORE_BASES:-cwd,mse,maskd}" --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "${CORE_KERNELS:-loop,compiled}" \
-          --root "$CORE_ROOT" --json "$OUT_DIR/core_${factor}_$(basename "$CORE_ROOT").json" \
-          2>> "$ERR" | tee -a "$LOG"
-      part_end "${PIPESTATUS[0]}"
+      core_run "$factor" "$OUT_DIR/core_${factor}_$(basename "$CORE_ROOT").json" --root "$CORE_ROOT"
     fi
   done
 }

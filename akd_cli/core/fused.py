@@ -113,12 +113,12 @@ def avatar_groups(teacher: torch.Tensor, keys, drop: counter_rng.Drop, layout: s
     """The K float32 Avatars as G x N x C x H x W groups (virtual when compiled), as ``layout`` holds
     them: one group of K ("stacked"), or K groups of one ("unrolled"). All come from one element hash
     (``counter_rng.element_hash``): each Avatar adds an xor and a multiply to it."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     seed_key, key, mult = keys
     hashed = counter_rng.element_hash(teacher.shape, seed_key, counter_rng.hash_bits(key.device))
     t = teacher.float().unsqueeze(0)
     lead = (slice(None),) + (None,) * teacher.dim()
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     spans = [(0, key.shape[0])] if layout == "stacked" else [(k, k + 1) for k in range(key.shape[0])]
     return [counter_rng.dropout(t, counter_rng.keep_bits(hashed, key[a:b][lead], mult[a:b][lead], drop), drop)
             for a, b in spans]
