@@ -31,6 +31,7 @@ CONFIGURATIONS = [  # (base, factor, kernel, Avatars)
     ("cwd", "paper", "compiled", 1), ("cwd", "paper", "compiled", 8),
     ("maskd", "release", "loop", 0), ("maskd", "release", "loop", 1), ("maskd", "release", "loop", 8),
     ("maskd", "release", "compiled", 1), ("maskd", "release", "compiled", 8),
+    ("mse", "release", "loop", 0), ("mse", "release", "compiled", 8),
 ]
 FORCED = [("cwd", "paper", 8), ("maskd", "release", 8)]  # --layouts: these compiled rows in each layout too
 READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist"}

@@ -177,8 +177,10 @@ def test_each_base_loss_takes_its_own_layout_in_every_pass(monkeypatch, base, un
         assert seen and set(seen) == {layout}
 
 
-def test_one_seed_draw_one_keys_call_and_few_calls_per_pass_serve_all_levels(monkeypatch):
-    """Per call, not per level: the passes' host work is what a GPU step waits on (bench/RESULTS.md)."""
+def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
+    """Per call, not per level: the passes' host work is what a GPU step waits on (bench/RESULTS.md).
+    Two Avatars or more: one keys call; each level's statistics come inside its terms call, which is
+    one for the first level and one for the others; the paper's factor adds one statistics call."""
     import collections
 
     import akd_cli.core.akd as akd_module
@@ -198,7 +200,11 @@ def test_one_seed_draw_one_keys_call_and_few_calls_per_pass_serve_all_levels(mon
     students, teachers = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
     AKDLoss(base="cwd", num_avatars=3, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # the terms: the first level alone, the others together (AKDLoss._fused_losses says why)
-    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_levels": 2, "cwd": 3}
+    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_levels": 2, "terms": 3}
+    calls.clear()
+    AKDLoss(base="pkd", num_avatars=3, uncertainty="release", weighting="inverse_variance",
+            avatar_kernel="fused")(students, teachers)
+    assert calls == {"seed": 1, "keys": 1, "mse_levels": 2, "terms": 3}
     calls.clear()
     AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # one Avatar: its sigma from the statistics pass, then drawn (and stored) per level for the loss
@@ -263,7 +269,7 @@ def _buffers(code: str):
 
 
 @pytest.mark.parametrize("name,layout", [(name, "stacked") for name in ("statistics", "cwd", "mse", "maskd", "cwd_levels")]
-                         + [("statistics", "unrolled"), ("maskd", "unrolled")])
+                         + [("statistics", "unrolled"), ("maskd", "unrolled"), ("mse_levels", "unrolled")])
 def test_compiled_passes_store_no_avatar(name, layout):
     """The generated code allocates nothing near the size of the K Avatars: each Avatar element
     lives in registers, regenerated from the teacher and its mask in each pass."""
@@ -280,10 +286,15 @@ def test_compiled_passes_store_no_avatar(name, layout):
                  "cwd": (teacher, keys, drop, affines, weights, 1.0, 0.1),
                  "mse": (teacher, keys, drop, affines, weights),
                  "maskd": (teacher, keys, drop, affines, weights, ReceptiveTokens(c, 6), None),
-                 # two levels in one call, as AKDLoss makes it: each level's Avatars unstored too
-                 "cwd_levels": ([(teacher, keys, drop, affines, weights, 1.0, 0.1),
-                                 (torch.randn(n, c, h // 2, w), keys, drop, affines, weights, 1.0, 0.1)],
-                                {"layout": layout})}[name]
+                 # two levels in one call, as AKDLoss makes it: statistics, factor and weights in the
+                 # call too, each level's Avatars unstored
+                 "cwd_levels": ([(teacher, keys, torch.rand(1, c, 1, 1) + 0.5, None, (1.0, 0.1)),
+                                 (torch.randn(n, c, h // 2, w), keys, torch.rand(1, c, 1, 1) + 0.5, None, (1.0, 0.1))],
+                                dict(drop=drop, standardised=False, pearson=False, weighting="mean", layout=layout)),
+                 # the release's factor and the inverse-variance weights: their statistics in the call
+                 "mse_levels": ([(teacher, keys, None, None, ()), (torch.randn(n, c, h // 2, w), keys, None, None, ())],
+                                dict(drop=drop, standardised=True, pearson=True, weighting="inverse_variance",
+                                     layout=layout))}[name]
     keywords = {} if name.endswith("_levels") else {"layout": layout}
     compiled = torch.compile(fused.FUNCTIONS[name], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
     with torch.no_grad():

@@ -12,8 +12,8 @@ from akd_cli.core.avatars import make_avatar
 from akd_cli.core.counter_rng import Drop, draw_seed, keys_of
 from akd_cli.core.losses import build_base_losses
 from akd_cli.core.precision import float32_reductions
-from akd_cli.core.uncertainty import (RELEASE_BN_EPS, AvatarWeigher, inverse_sigma, squared_difference_per_channel,
-                                      standardise, update_running)
+from akd_cli.core.uncertainty import (AvatarWeigher, inverse_sigma, squared_difference_per_channel, standardise,
+                                      update_running)
 from akd_cli.names import AVATAR_KERNELS, AVATAR_RNGS, AVATAR_WEIGHTINGS, BASE_LOSSES, PERTURBATIONS, UNCERTAINTY_MODES
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -130,7 +130,7 @@ class AKDLoss(nn.Module):
             losses = [self._base_for(i)(s, t, **context) for i, (s, t) in enumerate(zip(students, teachers))]
         else:
             step = self._prepare_step(teachers, finite)
-            if step.stats is not None:
+            if step.passes:
                 losses = self._fused_losses(students, teachers, step, **context)
             else:
                 losses = [self._level_loss(i, s, t, step, **context)
@@ -151,8 +151,10 @@ class AKDLoss(nn.Module):
 
     def _prepare_step(self, teachers: List[torch.Tensor], finite: torch.Tensor) -> "_Step":
         """What this call's levels share, for all levels at once: one seed draw and one keys call for
-        the counter-based generator (not one per level), the passes' statistics, and the paper's
-        1 / sigma of every level from one all-reduce."""
+        the counter-based generator (not one per level), and the paper's 1 / sigma of every level
+        from one all-reduce, its sums from one statistics call. With two Avatars or more through the
+        passes, each level's other statistics come in its terms call (``_fused_losses``), the
+        paper's in its statistics call."""
         k, device = self.num_avatars, teachers[0].device
         step = _Step(len(teachers), device)
         if self.drop_rate == 0.0:
@@ -160,21 +162,19 @@ class AKDLoss(nn.Module):
         if self.avatar_rng == "counter":
             step.seeds = draw_seed(device, (len(teachers),))
             if self.avatar_kernel != "loop":
-                compiled = self.avatar_kernel == "compiled"
+                step.passes = k > 1
                 # L x K keys in one call; level l's equal avatar_keys(seeds[l], 0 .. K-1), which the
-                # loop computes from seeds[l] itself
-                seed_key, key, mult = fused_passes.function("keys", compiled)(
+                # loop computes from seeds[l] itself. Unbound per level in three calls, not 3 L selects.
+                seed_key, key, mult = fused_passes.function("keys", self.avatar_kernel == "compiled")(
                     step.seeds[:, None], fused_passes.avatar_indices(k, device)[None])
-                step.keys = [(seed_key[level], key[level], mult[level]) for level in range(len(teachers))]
-                if k > 1:
-                    step.stats = self._statistics(teachers, step.keys)
+                step.keys = list(zip(seed_key.unbind(0), key.unbind(0), mult.unbind(0)))
+                if self.uncertainty == "paper":
+                    # every statistic the passes need, with the sigma's sum, in one call for all
+                    # levels (one Avatar: the sum alone, the Avatar unstored, not drawn once more)
+                    step.stats = self._statistics(teachers, step, sigma_only=k == 1)
         if self.uncertainty == "paper":
             if step.stats is not None:
                 totals = [stats["sigma_sum"] for stats in step.stats]
-            elif step.keys is not None:
-                # one Avatar through a kernel: its sigma from the statistics pass (one call for all
-                # levels, the Avatar unstored), not from drawing it once more per level
-                totals = [stats["sigma_sum"] for stats in self._statistics(teachers, step.keys, sigma_only=True)]
             else:
                 totals = self._sigma_totals(teachers, step)
             step.inverse = self._inverse_sigmas(teachers, totals, finite)
@@ -238,27 +238,26 @@ class AKDLoss(nn.Module):
         seed = step.seeds[level] if step.seeds is not None else None
         return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
 
-    def _statistics(self, teachers: List[torch.Tensor], keys: list, sigma_only: bool = False) -> List[dict]:
-        """The passes' first pass, over all levels in one call: the raw Avatars' statistics the
-        options need (``sigma_only``: the paper's sum alone)."""
+    def _statistics(self, teachers: List[torch.Tensor], step: "_Step", sigma_only: bool = False) -> List[dict]:
+        """The paper factor's statistics pass, over all levels in one call, before its all-reduce:
+        the sum for sigma, and the other statistics of the raw Avatars the options need, for the
+        terms calls (``sigma_only``: the sum alone)."""
         base = self._base_for(0)  # one base loss class for all levels: the same statistics
-        standardised = self.uncertainty == "release" and base.release_standardises_avatar
-        wanted = dict(sigma=self.uncertainty == "paper",
-                      per_avatar_channel=not sigma_only and (standardised or base.normalises_teacher),
-                      per_image_channel=not sigma_only and self.weighting == "inverse_variance")
-        if not any(wanted.values()):
-            return [{} for _ in teachers]
+        wanted = fused_passes.wanted_statistics(self.uncertainty, False, base.normalises_teacher, self.weighting)
+        if sigma_only:
+            wanted.update(per_avatar_channel=False, per_image_channel=False)
         with torch.no_grad(), float32_reductions(teachers[0]):
             return fused_passes.levels("statistics", self.avatar_kernel == "compiled")(
-                [(teacher, level_keys, Drop.of(self.drop_rate)) for teacher, level_keys in zip(teachers, keys)],
+                [(teacher, keys, Drop.of(self.drop_rate)) for teacher, keys in zip(teachers, step.keys)],
                 dict(wanted, layout=fused_passes.layout_for(base.teacher_pass)))
 
     def _fused_losses(self, students: List[torch.Tensor], teachers: List[torch.Tensor], step: "_Step",
                       **context) -> List[torch.Tensor]:
         """The loop's values, with the teacher side of all levels' Avatars in a few passes
-        (akd_cli.core.fused): the statistics (``_prepare_step``, one call for all levels), then the
-        base loss's terms in two calls: the first level (an FPN's largest, three quarters of its
-        elements), then the others together.
+        (akd_cli.core.fused): the paper factor's statistics (``_prepare_step``, one call for all
+        levels), then the rest of each level's teacher side, from its Avatars' keys to the base
+        loss's terms, in two calls: the first level (an FPN's largest, three quarters of its elements), then the
+        others together.
 
         One call for all levels would make every level's teacher term, and each level's student as
         the loss takes it, exist at once before the first level's loss: on ResNet-50 FPN shapes
@@ -272,25 +271,11 @@ class AKDLoss(nn.Module):
 
     def _fused_group(self, group: List[int], students: List[torch.Tensor], teachers: List[torch.Tensor],
                      step: "_Step", **context) -> List[torch.Tensor]:
-        k, drop = self.num_avatars, Drop.of(self.drop_rate)
         bases, prepared, arguments = [], [], []
         for level in group:
             base, student, teacher = self._base_for(level), students[level], teachers[level]
-            n, c, h, w = teacher.shape
-            stats = step.stats[level]
-            standardised = self.uncertainty == "release" and base.release_standardises_avatar
             student = base.align_student(student)
             scale = step.scale(level, student.dtype)
-            with torch.no_grad(), float32_reductions(teacher):
-                affines = []
-                if scale is not None:
-                    affines.append(("mul", None, scale.view(1, c).expand(k, c)))
-                elif standardised:
-                    affines.append(("div", stats["mean"], torch.sqrt(stats["var"] + RELEASE_BN_EPS)))
-                if base.normalises_teacher:
-                    affines.append(_pearson_affine(stats["mean"], stats["var"], n * h * w, affines))
-                weights = AvatarWeigher(teacher, self.weighting).from_channel_means(
-                    stats["image_channel_mean"] if "image_channel_mean" in stats else teacher.new_zeros(k, n, 0))
             ready = base.prepare_student(self._student_under_factor(student, scale), **context)
             with torch.no_grad(), float32_reductions(teacher):
                 if base.teacher_pass == "cwd":
@@ -300,12 +285,17 @@ class AKDLoss(nn.Module):
                              if base._with_student_masks else None)
                 else:
                     extra = ()
-            arguments.append((teacher, step.keys[level], drop, affines, weights) + extra)
+            arguments.append((teacher, step.keys[level], scale,
+                              step.stats[level] if step.stats is not None else None, extra))
             bases.append(base)
             prepared.append(ready)
+        base = bases[0]
+        keywords = dict(drop=Drop.of(self.drop_rate),
+                        standardised=self.uncertainty == "release" and base.release_standardises_avatar,
+                        pearson=base.normalises_teacher, weighting=self.weighting,
+                        layout=fused_passes.layout_for(base.teacher_pass))
         with torch.no_grad(), float32_reductions(teachers[group[0]]):
-            terms = fused_passes.levels(bases[0].teacher_pass, self.avatar_kernel == "compiled")(
-                arguments, {"layout": fused_passes.layout_for(bases[0].teacher_pass)})
+            terms = fused_passes.levels(base.teacher_pass, self.avatar_kernel == "compiled")(arguments, keywords)
         losses = []
         for level, base, ready, (phi_bar, constant) in zip(group, bases, prepared, terms):
             if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
@@ -415,8 +405,9 @@ class _Step:
     def __init__(self, levels: int, device: torch.device):
         self.device = device
         self.seeds: Optional[torch.Tensor] = None     # L seeds of the counter-based generator
+        self.passes = False                           # two Avatars or more through the passes (_fused_losses)
         self.keys: Optional[list] = None              # per level, its Avatars' keys (compiled or fused kernel)
-        self.stats: Optional[list] = None             # per level, the passes' statistics (2+ Avatars)
+        self.stats: Optional[list] = None             # per level, the paper factor's statistics (compiled or fused)
         self.inverse: list = [None] * levels          # per level, the paper's 1 / sigma (C), or None
         self.replay: Optional[torch.Tensor] = None    # torch's generator state the Avatar draws resume from
 
@@ -463,16 +454,6 @@ def _raise_if_not_finite(finite: torch.Tensor, students: List[torch.Tensor], tea
         for role, x in (("student", s), ("teacher", t)):
             if not bool(_all_finite([x])):
                 raise ValueError(f"level {i}: {role} feature of shape {tuple(x.shape)} holds non-finite values")
-
-
-def _pearson_affine(mean: torch.Tensor, var: torch.Tensor, count: int, affines: list):
-    """PKD's normalisation of the Avatars as seen (each channel to zero mean and unit unbiased
-    std), from the raw Avatars' moments through the affines before it: ("div", mean', std' + 1e-6)."""
-    for op, shift, factor in affines:
-        mean = mean - shift if shift is not None else mean
-        mean, var = (mean * factor, var * factor ** 2) if op == "mul" else (mean / factor, var / factor ** 2)
-    std = torch.sqrt(var * (count / max(count - 1, 1)))
-    return ("div", mean, std + 1e-6)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:

@@ -24,10 +24,13 @@ only the order of the sums over Avatars differs. Under float16 autocast the feat
 float16; these passes compute in float32 throughout (the loop path computes each Avatar in the
 feature's dtype), so the two agree to float16's precision, and no sum can overflow.
 
-A call of the loss makes four compiled calls, whatever its level count: the keys of all levels'
-Avatars (``counter_rng.avatar_keys``), the statistics of all levels at once (``levels``), then the
-terms of the first level and those of the others (``AKDLoss._fused_losses`` says why two). Each
-compiled call costs host time, and on a GPU the loss is bound by the host, not by bandwidth.
+A call of the loss makes three compiled calls, whatever its level count: the keys of all levels'
+Avatars (``counter_rng.avatar_keys``), then the rest of the teacher side (``teacher_terms``:
+statistics, factor, weights, terms) of the first level, then that of the others
+(``AKDLoss._fused_losses`` says why two). The paper's factor adds one after the keys: its
+statistics, all levels at once, which its all-reduce and running estimate need before any
+Avatar is normalised. Each compiled call, and each eager call around them, costs host time, and
+on a GPU the loss is bound by the host, not by bandwidth.
 
 These passes serve two Avatars or more. One Avatar goes the loop's way (AKDLoss._avatar): it is
 drawn by ``one_avatar`` compiled, then stored, as the loop stores its one Avatar.
@@ -43,6 +46,7 @@ import torch
 
 from akd_cli.core import counter_rng
 from akd_cli.core.losses import BASE_LOSSES
+from akd_cli.core.uncertainty import RELEASE_BN_EPS, inverse_variance_weights, teacher_channel_spread
 
 _LOG2_E = 1.4426950408889634
 # Base losses with a fused teacher side here (their ``teacher_pass``); the others (FGD) keep the loop.
@@ -241,6 +245,65 @@ def maskd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tokens,
     return torch.cat([_total(weighted), _total(shares)], dim=1), _total(constants).double()
 
 
+def wanted_statistics(uncertainty: str, standardised: bool, pearson: bool, weighting: str) -> Dict[str, bool]:
+    """Which statistics of the raw Avatars a setting needs (``statistics``' flags): the paper's sum
+    for its sigma; per-(Avatar, channel) moments for the release's standardisation (``standardised``:
+    the base loss standardises its Avatars) or PKD's normalisation (``pearson``); per-(Avatar, image,
+    channel) means for the inverse-variance weights."""
+    return dict(sigma=uncertainty == "paper", per_avatar_channel=standardised or pearson,
+                per_image_channel=weighting == "inverse_variance")
+
+
+def pearson_affine(mean: torch.Tensor, var: torch.Tensor, count: int, affines: Sequence[Affine]) -> Affine:
+    """PKD's normalisation of the Avatars as seen (each channel to zero mean and unit unbiased
+    std), from the raw Avatars' moments through the affines before it: ("div", mean', std' + 1e-6)."""
+    for op, shift, factor in affines:
+        mean = mean - shift if shift is not None else mean
+        mean, var = (mean * factor, var * factor ** 2) if op == "mul" else (mean / factor, var / factor ** 2)
+    std = torch.sqrt(var * (count / max(count - 1, 1)))
+    return ("div", mean, std + 1e-6)
+
+
+def teacher_terms(teacher: torch.Tensor, keys, scale: Optional[torch.Tensor], stats: Optional[Dict[str, torch.Tensor]],
+                  extra: tuple, *, drop: counter_rng.Drop, teacher_pass: str, standardised: bool, pearson: bool,
+                  weighting: str, layout: str):
+    """A level's whole teacher side, from its Avatars' keys to its base loss's terms
+    (``TERMS[teacher_pass]``): the statistics the setting needs (unless ``stats`` brings them: the
+    paper's factor takes its sum in a call of its own, before its all-reduce), the factor as
+    affines, the weights, the terms. In one compiled call, where the host made some twenty eager
+    calls per level around the passes before (the factor's and weights' small tensors): on a GPU
+    the loss is bound by that host work (bench/RESULTS.md).
+
+    The keys come in as tensors, computed by a call of their own (``counter_rng.avatar_keys``, all
+    levels at once). Computed here, inductor inlined their hash into each Avatar element's
+    expression (the thresholds of COMPILE_OPTIONS let it), and one configuration took minutes to
+    compile where it had taken 40 s.
+
+    ``scale``: the paper's 1 / sigma (1 x C x 1 x 1, in the student's dtype, as the loop multiplies
+    its Avatars by it), or None. ``standardised``: the release's factor standardises this base
+    loss's Avatars. ``pearson``: the base loss normalises its teacher (PKD). ``extra``: the base
+    loss's own arguments (CWD: tau and scale; MasKD: its tokens and the student's masks or None)."""
+    k, (n, c, h, w) = keys[1].shape[0], teacher.shape
+    if stats is None:
+        stats = statistics(teacher, keys, drop, False, standardised or pearson, weighting == "inverse_variance",
+                           layout=layout)
+    affines: List[Affine] = []
+    if scale is not None:
+        affines.append(("mul", None, scale.reshape(1, c).expand(k, c)))
+    elif standardised:
+        affines.append(("div", stats["mean"], torch.sqrt(stats["var"] + RELEASE_BN_EPS)))
+    if pearson:
+        affines.append(pearson_affine(stats["mean"], stats["var"], n * h * w, affines))
+    if weighting == "inverse_variance":
+        weights = inverse_variance_weights(stats["image_channel_mean"], *teacher_channel_spread(teacher))
+    else:
+        weights = torch.ones(k, n, device=teacher.device, dtype=torch.float32)
+    return TERMS[teacher_pass](teacher, keys, drop, affines, weights, *extra, layout=layout)
+
+
+TERMS = {"cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
+
+
 # Inductor stores ("realises") a pointwise expression of more than 30 operations (50 on the CPU),
 # or with more than 8 (12) buffer reads, even when it has a single consumer, and one with more than
 # 4 reads that has two consumers. The Avatar expression, dropout and factor included, is about 20
@@ -256,18 +319,19 @@ def statistics_levels(arguments: list, keywords: dict) -> list:
 
 
 def cwd_levels(arguments: list, keywords: dict) -> list:
-    return [FUNCTIONS["cwd"](*level, **keywords) for level in arguments]
+    return [FUNCTIONS["terms"](*level, teacher_pass="cwd", **keywords) for level in arguments]
 
 
 def mse_levels(arguments: list, keywords: dict) -> list:
-    return [FUNCTIONS["mse"](*level, **keywords) for level in arguments]
+    return [FUNCTIONS["terms"](*level, teacher_pass="mse", **keywords) for level in arguments]
 
 
 def maskd_levels(arguments: list, keywords: dict) -> list:
-    return [FUNCTIONS["maskd"](*level, **keywords) for level in arguments]
+    return [FUNCTIONS["terms"](*level, teacher_pass="maskd", **keywords) for level in arguments]
 
 
 FUNCTIONS = {"keys": counter_rng.avatar_keys, "avatar": one_avatar, "statistics": statistics,
+             "terms": teacher_terms,
              "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms,
              "statistics_levels": statistics_levels, "cwd_levels": cwd_levels, "mse_levels": mse_levels,
              "maskd_levels": maskd_levels}

@@ -83,19 +83,14 @@ class AvatarWeigher:
         self.ones = None
         if weighting == "inverse_variance":
             with torch.no_grad():
-                std, self.mean = torch.std_mean(teacher.float().flatten(2), dim=2, correction=0)
-                self.spread = std + _EPS
+                self.mean, self.spread = teacher_channel_spread(teacher)
         else:
             self.ones = torch.ones(teacher.shape[0], device=teacher.device, dtype=torch.float32)
 
     def uncertainty(self, avatar: torch.Tensor) -> torch.Tensor:
         """u[n]: the variance over channels of the standardised channel-mean shift (shape N)."""
         with torch.no_grad():
-            return self._from_channel_means(avatar.float().flatten(2).mean(dim=2))
-
-    def _from_channel_means(self, means: torch.Tensor) -> torch.Tensor:
-        shift = (means - self.mean) / self.spread
-        return shift.var(dim=-1, unbiased=False)
+            return channel_mean_shift_variance(avatar.float().flatten(2).mean(dim=2), self.mean, self.spread)
 
     def __call__(self, avatar: torch.Tensor) -> torch.Tensor:
         return self.from_channel_means(avatar.float().flatten(2).mean(dim=2)[None])[0]
@@ -105,7 +100,25 @@ class AvatarWeigher:
         if self.ones is not None:
             return self.ones.expand(means.shape[0], -1)
         with torch.no_grad():
-            return 1.0 / (self._from_channel_means(means.float()) + _WEIGHT_EPS)
+            return inverse_variance_weights(means, self.mean, self.spread)
+
+
+def teacher_channel_spread(teacher: torch.Tensor):
+    """The teacher's mean and spread (biased std + eps) per image and channel (N x C each, float32):
+    what ``inverse_variance`` measures an Avatar's channel-mean shift against."""
+    std, mean = torch.std_mean(teacher.float().flatten(2), dim=2, correction=0)
+    return mean, std + _EPS
+
+
+def channel_mean_shift_variance(means: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """u: Var_c of (mean_hw A - mean_hw T) / spread, from Avatar channel means (... x N x C)."""
+    return ((means - mean) / spread).var(dim=-1, unbiased=False)
+
+
+def inverse_variance_weights(means: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """The unnormalised weights 1 / u of K Avatars from their channel means (K x N x C): K x N.
+    Plain functions, so the compiled Avatar passes (akd_cli.core.fused) compute them in their graph."""
+    return 1.0 / (channel_mean_shift_variance(means.float(), mean, spread) + _WEIGHT_EPS)
 
 
 def avatar_uncertainty(teacher: torch.Tensor, avatar: torch.Tensor) -> torch.Tensor:
@@ -156,5 +169,6 @@ def update_running(running: torch.Tensor, batch: torch.Tensor, steps: torch.Tens
     return running
 
 
-__all__ = ["AVATAR_WEIGHTINGS", "UNCERTAINTY_MODES", "AvatarWeigher", "avatar_uncertainty", "inverse_sigma",
-           "squared_difference_per_channel", "standardise", "update_running"]
+__all__ = ["AVATAR_WEIGHTINGS", "UNCERTAINTY_MODES", "AvatarWeigher", "avatar_uncertainty", "channel_mean_shift_variance",
+           "inverse_sigma", "inverse_variance_weights", "squared_difference_per_channel", "standardise",
+           "teacher_channel_spread", "update_running"]
