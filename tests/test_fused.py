@@ -180,7 +180,8 @@ def test_each_base_loss_takes_its_own_layout_in_every_pass(monkeypatch, base, un
 def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     """Per call, not per level: the passes' host work is what a GPU step waits on (bench/RESULTS.md).
     Two Avatars or more: one keys call; each level's statistics come inside its terms call, which is
-    one for the first level and one for the others; the paper's factor adds one statistics call."""
+    one for the first level and one for the others, as is the student side's; the paper's factor adds
+    one statistics call."""
     import collections
 
     import akd_cli.core.akd as akd_module
@@ -200,11 +201,12 @@ def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     students, teachers = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
     AKDLoss(base="cwd", num_avatars=3, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # the terms: the first level alone, the others together (AKDLoss._fused_losses says why)
-    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_levels": 2, "terms": 3}
+    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_levels": 2, "terms": 3,
+                     "cwd_students": 2}
     calls.clear()
     AKDLoss(base="pkd", num_avatars=3, uncertainty="release", weighting="inverse_variance",
             avatar_kernel="fused")(students, teachers)
-    assert calls == {"seed": 1, "keys": 1, "mse_levels": 2, "terms": 3}
+    assert calls == {"seed": 1, "keys": 1, "mse_levels": 2, "terms": 3, "mse_students": 2}
     calls.clear()
     AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # one Avatar: its sigma from the statistics pass, then drawn (and stored) per level for the loss
@@ -260,6 +262,14 @@ def test_float16_features_agree_to_float16_precision_and_sums_do_not_overflow():
     teacher = torch.full((2, 16, 32, 32), 20.0, dtype=torch.float16)
     student = torch.zeros_like(teacher, requires_grad=True)
     assert math.isfinite(loss_fn(student, teacher).item())
+
+
+@pytest.mark.parametrize("base", ["cwd", "maskd"])
+def test_compiled_float16_features_agree_to_float16_precision(base):
+    """The compiled passes and the compiled student side (its accumulator cast back to float16, as
+    the loop's) take float16 features, as under --amp."""
+    loop = _steps("loop", base, "paper", "mean", 4, steps=2, dtype=torch.float16)
+    _assert_same(loop, _steps("compiled", base, "paper", "mean", 4, steps=2, dtype=torch.float16), rtol=1e-2)
 
 
 # ------------------------------------------------------------------------- nothing K-fold

@@ -296,12 +296,8 @@ class AKDLoss(nn.Module):
                         layout=fused_passes.layout_for(base.teacher_pass))
         with torch.no_grad(), float32_reductions(teachers[group[0]]):
             terms = fused_passes.levels(base.teacher_pass, self.avatar_kernel == "compiled")(arguments, keywords)
-        losses = []
-        for level, base, ready, (phi_bar, constant) in zip(group, bases, prepared, terms):
-            if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
-                phi_bar = phi_bar.to(teachers[level].dtype)
-            losses.append(base.fused(ready, phi_bar, constant, **context).sum())
-        return losses
+        return fused_passes.function(base.teacher_pass + "_students", self.avatar_kernel == "compiled")(
+            bases, prepared, terms, [teachers[level].dtype for level in group])
 
     def _student_under_factor(self, student: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """The student as the base loss takes it under the factor (``scale``: the paper's 1 / sigma,

@@ -18,19 +18,23 @@ MasKD; see ``akd_cli.core.losses``), and how many passes over the teacher map it
    constant (CWD: row maximum, then exp-sums, then the K-reduction: three passes; MSE/MGD/PKD: one;
    MasKD: its token masks, then one).
 
-The student side (``BaseLoss.fused``) is the loop path's own code, so values and gradients equal
-the loop path's (``AKDLoss(avatar_kernel="loop", avatar_rng="counter")``) to float32 rounding:
-only the order of the sums over Avatars differs. Under float16 autocast the features arrive in
+The student side (``BaseLoss.fused``, through ``student_side``) is the loop path's own code,
+compiled too (forward and backward), so values and gradients equal the loop path's
+(``AKDLoss(avatar_kernel="loop", avatar_rng="counter")``) to float32 rounding: only the order of
+the sums differs. Under float16 autocast the features arrive in
 float16; these passes compute in float32 throughout (the loop path computes each Avatar in the
 feature's dtype), so the two agree to float16's precision, and no sum can overflow.
 
 A call of the loss makes three compiled calls, whatever its level count: the keys of all levels'
 Avatars (``counter_rng.avatar_keys``), then the rest of the teacher side (``teacher_terms``:
 statistics, factor, weights, terms) of the first level, then that of the others
-(``AKDLoss._fused_losses`` says why two). The paper's factor adds one after the keys: its
-statistics, all levels at once, which its all-reduce and running estimate need before any
-Avatar is normalised. Each compiled call, and each eager call around them, costs host time, and
-on a GPU the loss is bound by the host, not by bandwidth.
+(``AKDLoss._fused_losses`` says why two), each followed by its levels' student side (one call
+forward, one backward). The paper's factor adds one after the keys: its statistics, all levels
+at once, which its all-reduce and running estimate need before any Avatar is normalised. Each
+compiled call, and each eager call around them, costs host time, and on a GPU the loss is bound
+by the host, not by bandwidth. What stays eager is each level's student preparation (the
+factor's batch norm or scale, the base loss's ``prepare_student``: MGD's random mask and
+generation, MasKD's call count), and the finiteness check.
 
 These passes serve two Avatars or more. One Avatar goes the loop's way (AKDLoss._avatar): it is
 drawn by ``one_avatar`` compiled, then stored, as the loop stores its one Avatar.
@@ -330,11 +334,37 @@ def maskd_levels(arguments: list, keywords: dict) -> list:
     return [FUNCTIONS["terms"](*level, teacher_pass="maskd", **keywords) for level in arguments]
 
 
+def student_side(bases: list, prepared: list, terms: list, dtypes: list) -> list:
+    """Each level's loss from its student (as its base loss prepared it) and its Avatars' terms: the
+    base loss's own ``fused``, the loop path's code (the student's gradient flows through it).
+    Compiled, a group of levels is one call forward and one backward, where eagerly each level made
+    some fifteen calls forward and eight backward: host work a GPU step waits on."""
+    losses = []
+    for base, ready, (phi_bar, constant), dtype in zip(bases, prepared, terms, dtypes):
+        if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
+            phi_bar = phi_bar.to(dtype)
+        losses.append(base.fused(ready, phi_bar, constant).sum())
+    return losses
+
+
+def cwd_students(bases: list, prepared: list, terms: list, dtypes: list) -> list:
+    return student_side(bases, prepared, terms, dtypes)
+
+
+def mse_students(bases: list, prepared: list, terms: list, dtypes: list) -> list:
+    return student_side(bases, prepared, terms, dtypes)
+
+
+def maskd_students(bases: list, prepared: list, terms: list, dtypes: list) -> list:
+    return student_side(bases, prepared, terms, dtypes)
+
+
 FUNCTIONS = {"keys": counter_rng.avatar_keys, "avatar": one_avatar, "statistics": statistics,
              "terms": teacher_terms,
              "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms,
              "statistics_levels": statistics_levels, "cwd_levels": cwd_levels, "mse_levels": mse_levels,
-             "maskd_levels": maskd_levels}
+             "maskd_levels": maskd_levels, "cwd_students": cwd_students, "mse_students": mse_students,
+             "maskd_students": maskd_students}
 RECOMPILE_LIMIT = 64
 _compiled: Dict[str, object] = {}
 
