@@ -4,10 +4,12 @@ timed is Python, dispatch, and the calls into compiled code. On a GPU this is th
 must do before the loss's kernels are queued: on an H100 the loss was bound by it, not by the GPU
 (bench/RESULTS.md, issue 15).
 
-Counts, per loss call, the calls into compiled code (each costs guards and wrappers), the host's
-reads of a tensor's value (on a GPU, each waits for all queued work), and the torch calls the loss
-makes after its last read (``per_level``): the work a read before them keeps from overlapping the
-GPU's.
+Counts, per loss call, the calls into compiled code (each costs guards and wrappers), the torch
+calls its forward makes (``per_level``; each a dispatch on the host, many a kernel launch on a
+GPU; tensor metadata reads count too, a compiled call counts as one, the backward's calls are not
+counted), the host's reads of a tensor's value (on a GPU, each waits for all queued work), and the
+torch calls the loss makes after its last read: the work a read before them keeps from
+overlapping the GPU's.
 
     python bench/host_calls.py [--device cpu|cuda] [--repeats 200] [--json out.json] [--root TREE] [--layouts]
 
@@ -48,9 +50,10 @@ def measure(base: str, factor: str, kernel: str, avatars: int, device: str, repe
     class Reads(TorchFunctionMode):
         def __init__(self):
             super().__init__()
-            self.count = self.after = 0
+            self.count = self.after = self.total = 0
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.total += 1
             if getattr(func, "__name__", "") in READS:
                 self.count, self.after = self.count + 1, 0
             else:
@@ -80,6 +83,7 @@ def measure(base: str, factor: str, kernel: str, avatars: int, device: str, repe
             # torch-function mode stack), which the loss never does; on CUDA that recompilation even
             # failed its own guard (torch 2.11). So the call runs outside the mode, counted as one.
             calls["reads"].after += 1
+            calls["reads"].total += 1
             with torch.overrides._pop_mode_temporarily():
                 return compiled(*args, **kwargs)
         return counted
@@ -104,7 +108,7 @@ def measure(base: str, factor: str, kernel: str, avatars: int, device: str, repe
     q1, median, q3 = statistics.quantiles(times, n=4)
     return {"base": base, "factor": factor, "kernel": kernel, "avatars": avatars, "median_us": median * 1e6,
             "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "compiled_calls": compiled_calls, "reads": reads.count,
-            "calls_after_last_read": reads.after}
+            "calls_after_last_read": reads.after, "torch_calls": reads.total}
 
 
 def main(argv=None) -> int:
@@ -130,12 +134,12 @@ def main(argv=None) -> int:
                            for base, factor, avatars in FORCED for layout in fused.LAYOUTS]
     rows = [measure(*configuration, device=args.device, repeats=args.repeats) for configuration in configurations]
     print("| base, factor | kernel | Avatars | host time per loss call (fwd+bwd), median [q1, q3] | compiled calls "
-          "| reads | torch calls after the last read |")
-    print("|---|---|---|---|---|---|---|")
+          "| torch calls (fwd) | reads | torch calls after the last read |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['base']}, {row['factor']} | {row['kernel']} | {row['avatars']} | {row['median_us']:.0f} us "
-              f"[{row['q1_us']:.0f}, {row['q3_us']:.0f}] | {row['compiled_calls']} | {row['reads']} "
-              f"| {row['calls_after_last_read']} |")
+              f"[{row['q1_us']:.0f}, {row['q3_us']:.0f}] | {row['compiled_calls']} | {row.get('torch_calls', '-')} "
+              f"| {row['reads']} | {row['calls_after_last_read']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
