@@ -243,7 +243,8 @@ class AKDLoss(nn.Module):
         the sum for sigma, and the other statistics of the raw Avatars the options need, for the
         terms calls (``sigma_only``: the sum alone)."""
         base = self._base_for(0)  # one base loss class for all levels: the same statistics
-        wanted = fused_passes.wanted_statistics(self.uncertainty, False, base.normalises_teacher, self.weighting)
+        # the paper's factor standardises nothing (the release's does)
+        wanted = fused_passes.wanted_statistics(True, False, base.normalises_teacher, self.weighting)
         if sigma_only:
             wanted.update(per_avatar_channel=False, per_image_channel=False)
         with torch.no_grad(), float32_reductions(teachers[0]):
@@ -256,8 +257,8 @@ class AKDLoss(nn.Module):
         """The loop's values, with the teacher side of all levels' Avatars in a few passes
         (akd_cli.core.fused): the paper factor's statistics (``_prepare_step``, one call for all
         levels), then the rest of each level's teacher side, from its Avatars' keys to the base
-        loss's terms, in two calls: the first level (an FPN's largest, three quarters of its elements), then the
-        others together.
+        loss's terms, and its student side, in two calls each: the first level (an FPN's largest,
+        three quarters of its elements), then the others together.
 
         One call for all levels would make every level's teacher term, and each level's student as
         the loss takes it, exist at once before the first level's loss: on ResNet-50 FPN shapes

@@ -249,13 +249,12 @@ def maskd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tokens,
     return torch.cat([_total(weighted), _total(shares)], dim=1), _total(constants).double()
 
 
-def wanted_statistics(uncertainty: str, standardised: bool, pearson: bool, weighting: str) -> Dict[str, bool]:
+def wanted_statistics(sigma: bool, standardised: bool, pearson: bool, weighting: str) -> Dict[str, bool]:
     """Which statistics of the raw Avatars a setting needs (``statistics``' flags): the paper's sum
     for its sigma; per-(Avatar, channel) moments for the release's standardisation (``standardised``:
     the base loss standardises its Avatars) or PKD's normalisation (``pearson``); per-(Avatar, image,
     channel) means for the inverse-variance weights."""
-    return dict(sigma=uncertainty == "paper", per_avatar_channel=standardised or pearson,
-                per_image_channel=weighting == "inverse_variance")
+    return dict(sigma=sigma, per_avatar_channel=standardised or pearson, per_image_channel=weighting == "inverse_variance")
 
 
 def pearson_affine(mean: torch.Tensor, var: torch.Tensor, count: int, affines: Sequence[Affine]) -> Affine:
@@ -289,8 +288,7 @@ def teacher_terms(teacher: torch.Tensor, keys, scale: Optional[torch.Tensor], st
     loss's own arguments (CWD: tau and scale; MasKD: its tokens and the student's masks or None)."""
     k, (n, c, h, w) = keys[1].shape[0], teacher.shape
     if stats is None:
-        stats = statistics(teacher, keys, drop, False, standardised or pearson, weighting == "inverse_variance",
-                           layout=layout)
+        stats = statistics(teacher, keys, drop, **wanted_statistics(False, standardised, pearson, weighting), layout=layout)
     affines: List[Affine] = []
     if scale is not None:
         affines.append(("mul", None, scale.reshape(1, c).expand(k, c)))
