@@ -147,6 +147,18 @@ def test_compiled_avatar_passes_equal_the_loop_on_cuda(base, uncertainty):
                  _steps("compiled", base, uncertainty, "mean", 8, **run))
 
 
+@pytest.mark.parametrize("base", ["cwd", "maskd"])
+def test_compiled_avatar_passes_take_float16_features_on_cuda(base):
+    """Float16 features, as under --amp: the passes in float32, the compiled student side with its
+    accumulator cast back to float16 as the loop's is; equal to the loop to float16's precision."""
+    from test_fused import _assert_same, _steps
+
+    run = dict(steps=2, drop_rate=0.1, shapes=[(2, 256, 100, 168), (2, 256, 7, 11)], device="cuda",
+               dtype=torch.float16)
+    _assert_same(_steps("loop", base, "paper", "mean", 8, **run), _steps("compiled", base, "paper", "mean", 8, **run),
+                 rtol=1e-2)
+
+
 @pytest.mark.parametrize("base,uncertainty", [("maskd", "release"), ("cwd", "paper")])
 def test_the_other_layout_equals_the_loop_on_cuda(monkeypatch, base, uncertainty):
     """Each base loss's passes in the layout that is not its own (fused.PASS_LAYOUTS: MasKD's is
