@@ -21,9 +21,9 @@ MasKD; see ``akd_cli.core.losses``), and how many passes over the teacher map it
 The student side (``BaseLoss.fused``, through ``student_side``) is the loop path's own code,
 compiled too (forward and backward), so values and gradients equal the loop path's
 (``AKDLoss(avatar_kernel="loop", avatar_rng="counter")``) to float32 rounding: only the order of
-the sums differs. Under float16 autocast the features arrive in
-float16; these passes compute in float32 throughout (the loop path computes each Avatar in the
-feature's dtype), so the two agree to float16's precision, and no sum can overflow.
+the sums differs. Under float16 autocast the features arrive in float16; these passes compute in
+float32 throughout (the loop path computes each Avatar in the feature's dtype), so the two agree
+to float16's precision, and no sum can overflow.
 
 A call of the loss makes three compiled calls, whatever its level count: the keys of all levels'
 Avatars (``counter_rng.avatar_keys``), then the rest of the teacher side (``teacher_terms``:
@@ -345,6 +345,7 @@ def student_side(bases: list, prepared: list, terms: list, dtypes: list) -> list
     return losses
 
 
+# One code object per pass here too, so that each keeps its own recompile limit.
 def cwd_students(bases: list, prepared: list, terms: list, dtypes: list) -> list:
     return student_side(bases, prepared, terms, dtypes)
 
