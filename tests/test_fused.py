@@ -202,11 +202,11 @@ def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     AKDLoss(base="cwd", num_avatars=3, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # the terms: the first level alone, the others together (AKDLoss._fused_losses says why)
     assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_levels": 2, "terms": 3,
-                     "cwd_students": 2}
+                     "cwd": 3, "cwd_students": 2}
     calls.clear()
     AKDLoss(base="pkd", num_avatars=3, uncertainty="release", weighting="inverse_variance",
             avatar_kernel="fused")(students, teachers)
-    assert calls == {"seed": 1, "keys": 1, "mse_levels": 2, "terms": 3, "mse_students": 2}
+    assert calls == {"seed": 1, "keys": 1, "mse_levels": 2, "terms": 3, "mse": 3, "mse_students": 2}
     calls.clear()
     AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # one Avatar: its sigma from the statistics pass, then drawn (and stored) per level for the loss

@@ -130,7 +130,7 @@ class AKDLoss(nn.Module):
             losses = [self._base_for(i)(s, t, **context) for i, (s, t) in enumerate(zip(students, teachers))]
         else:
             step = self._prepare_step(teachers, finite)
-            if step.passes:
+            if step.keys is not None and self.num_avatars > 1:  # the passes (two Avatars or more)
                 losses = self._fused_losses(students, teachers, step, **context)
             else:
                 losses = [self._level_loss(i, s, t, step, **context)
@@ -162,7 +162,6 @@ class AKDLoss(nn.Module):
         if self.avatar_rng == "counter":
             step.seeds = draw_seed(device, (len(teachers),))
             if self.avatar_kernel != "loop":
-                step.passes = k > 1
                 # L x K keys in one call; level l's equal avatar_keys(seeds[l], 0 .. K-1), which the
                 # loop computes from seeds[l] itself. Unbound per level in three calls, not 3 L selects.
                 seed_key, key, mult = fused_passes.function("keys", self.avatar_kernel == "compiled")(
@@ -402,7 +401,6 @@ class _Step:
     def __init__(self, levels: int, device: torch.device):
         self.device = device
         self.seeds: Optional[torch.Tensor] = None     # L seeds of the counter-based generator
-        self.passes = False                           # two Avatars or more through the passes (_fused_losses)
         self.keys: Optional[list] = None              # per level, its Avatars' keys (compiled or fused kernel)
         self.stats: Optional[list] = None             # per level, the paper factor's statistics (compiled or fused)
         self.inverse: list = [None] * levels          # per level, the paper's 1 / sigma (C), or None

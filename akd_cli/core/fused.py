@@ -271,7 +271,7 @@ def teacher_terms(teacher: torch.Tensor, keys, scale: Optional[torch.Tensor], st
                   extra: tuple, *, drop: counter_rng.Drop, teacher_pass: str, standardised: bool, pearson: bool,
                   weighting: str, layout: str):
     """A level's whole teacher side, from its Avatars' keys to its base loss's terms
-    (``TERMS[teacher_pass]``): the statistics the setting needs (unless ``stats`` brings them: the
+    (``FUNCTIONS[teacher_pass]``): the statistics the setting needs (unless ``stats`` brings them: the
     paper's factor takes its sum in a call of its own, before its all-reduce), the factor as
     affines, the weights, the terms. In one compiled call, where the host made some twenty eager
     calls per level around the passes before (the factor's and weights' small tensors): on a GPU
@@ -300,10 +300,7 @@ def teacher_terms(teacher: torch.Tensor, keys, scale: Optional[torch.Tensor], st
         weights = inverse_variance_weights(stats["image_channel_mean"], *teacher_channel_spread(teacher))
     else:
         weights = torch.ones(k, n, device=teacher.device, dtype=torch.float32)
-    return TERMS[teacher_pass](teacher, keys, drop, affines, weights, *extra, layout=layout)
-
-
-TERMS = {"cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms}
+    return FUNCTIONS[teacher_pass](teacher, keys, drop, affines, weights, *extra, layout=layout)
 
 
 # Inductor stores ("realises") a pointwise expression of more than 30 operations (50 on the CPU),
