@@ -12,11 +12,14 @@ torch calls the loss makes after its last read: the work a read before them keep
 overlapping the GPU's.
 
     python bench/host_calls.py [--device cpu|cuda] [--repeats 200] [--json out.json] [--root TREE] [--layouts]
+                               [--only base/factor/kernel/avatars,...]
 
 ``--root`` imports akd_cli from another checkout (a git worktree of an older commit), to compare
 two commits in one run on one machine. ``--layouts`` adds the compiled 8-Avatar rows with every
 pass in each layout of the Avatars (``akd_cli.core.fused.LAYOUT``; minutes more of compilation). Plain
-``compiled`` rows take each base loss's own layout (``fused.PASS_LAYOUTS``).
+``compiled`` rows take each base loss's own layout (``fused.PASS_LAYOUTS``). ``--only`` keeps the rows
+named (e.g. ``mse/release/loop/0,mse/release/compiled/8``): runs of two commits can then alternate,
+a few minutes each, where this machine's noise between runs is larger than the changes timed.
 """
 from __future__ import annotations
 
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     parser.add_argument("--layouts", action="store_true",
                         help="also the compiled 8-Avatar rows with every pass in each layout (fused.LAYOUT)")
+    parser.add_argument("--only", help="comma-separated rows base/factor/kernel/avatars (default: all)")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.root))
     import torch._dynamo
@@ -132,6 +136,12 @@ def main(argv=None) -> int:
 
         configurations += [(base, factor, f"compiled:{layout}", avatars)
                            for base, factor, avatars in FORCED for layout in fused.LAYOUTS]
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = [name for name in wanted if name not in {"/".join(map(str, c)) for c in configurations}]
+        if unknown:
+            parser.error(f"no such row: {', '.join(unknown)}")
+        configurations = [c for c in configurations if "/".join(map(str, c)) in wanted]
     rows = [measure(*configuration, device=args.device, repeats=args.repeats) for configuration in configurations]
     print("| base, factor | kernel | Avatars | host time per loss call (fwd+bwd), median [q1, q3] | compiled calls "
           "| torch calls (fwd) | reads | torch calls after the last read |")

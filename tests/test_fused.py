@@ -179,9 +179,8 @@ def test_each_base_loss_takes_its_own_layout_in_every_pass(monkeypatch, base, un
 
 def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     """Per call, not per level: the passes' host work is what a GPU step waits on (bench/RESULTS.md).
-    Two Avatars or more: one keys call; each level's statistics come inside its terms call, which is
-    one for the first level and one for the others, as is the student side's; the paper's factor adds
-    one statistics call."""
+    Two Avatars or more: one keys call; then each level's whole teacher side and its student side in
+    one call for the first level and one for the others; the paper's factor adds one statistics call."""
     import collections
 
     import akd_cli.core.akd as akd_module
@@ -200,13 +199,13 @@ def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     shapes = SHAPES + [(2, 16, 3, 3)]
     students, teachers = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
     AKDLoss(base="cwd", num_avatars=3, uncertainty="paper", avatar_kernel="fused")(students, teachers)
-    # the terms: the first level alone, the others together (AKDLoss._fused_losses says why)
-    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_levels": 2, "terms": 3,
-                     "cwd": 3, "cwd_students": 2}
+    # the groups: the first level alone, the others together (AKDLoss._fused_losses says why)
+    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_group": 2, "terms": 3,
+                     "cwd": 3}
     calls.clear()
     AKDLoss(base="pkd", num_avatars=3, uncertainty="release", weighting="inverse_variance",
             avatar_kernel="fused")(students, teachers)
-    assert calls == {"seed": 1, "keys": 1, "mse_levels": 2, "terms": 3, "mse": 3, "mse_students": 2}
+    assert calls == {"seed": 1, "keys": 1, "mse_group": 2, "terms": 3, "mse": 3}
     calls.clear()
     AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # one Avatar: its sigma from the statistics pass, then drawn (and stored) per level for the loss
@@ -278,11 +277,13 @@ def _buffers(code: str):
         yield [int(x) for x in match.group(1).split(",") if x.strip()]
 
 
-@pytest.mark.parametrize("name,layout", [(name, "stacked") for name in ("statistics", "cwd", "mse", "maskd", "cwd_levels")]
-                         + [("statistics", "unrolled"), ("maskd", "unrolled"), ("mse_levels", "unrolled")])
+@pytest.mark.parametrize("name,layout", [(name, "stacked") for name in ("statistics", "cwd", "mse", "maskd", "cwd_group")]
+                         + [("statistics", "unrolled"), ("maskd", "unrolled"), ("mse_group", "unrolled")])
 def test_compiled_passes_store_no_avatar(name, layout):
     """The generated code allocates nothing near the size of the K Avatars: each Avatar element
-    lives in registers, regenerated from the teacher and its mask in each pass."""
+    lives in registers, regenerated from the teacher and its mask in each pass. A group's call (a
+    level's whole teacher side and its student side, as AKDLoss makes it) is checked forward and
+    backward, values and student gradients against the eager call."""
     from torch._inductor.utils import run_and_get_code
 
     n, c, h, w, k = 2, 32, 40, 10, 8
@@ -292,24 +293,37 @@ def test_compiled_passes_store_no_avatar(name, layout):
     affines = [("mul", None, torch.rand(k, c) + 0.5)]
     weights = torch.rand(k, n) + 0.5
     drop = counter_rng.Drop.of(0.1)
-    arguments = {"statistics": (teacher, keys, drop, True, True, True),
-                 "cwd": (teacher, keys, drop, affines, weights, 1.0, 0.1),
-                 "mse": (teacher, keys, drop, affines, weights),
-                 "maskd": (teacher, keys, drop, affines, weights, ReceptiveTokens(c, 6), None),
-                 # two levels in one call, as AKDLoss makes it: statistics, factor and weights in the
-                 # call too, each level's Avatars unstored
-                 "cwd_levels": ([(teacher, keys, torch.rand(1, c, 1, 1) + 0.5, None, (1.0, 0.1)),
-                                 (torch.randn(n, c, h // 2, w), keys, torch.rand(1, c, 1, 1) + 0.5, None, (1.0, 0.1))],
-                                dict(drop=drop, standardised=False, pearson=False, weighting="mean", layout=layout)),
-                 # the release's factor and the inverse-variance weights: their statistics in the call
-                 "mse_levels": ([(teacher, keys, None, None, ()), (torch.randn(n, c, h // 2, w), keys, None, None, ())],
-                                dict(drop=drop, standardised=True, pearson=True, weighting="inverse_variance",
-                                     layout=layout))}[name]
-    keywords = {} if name.endswith("_levels") else {"layout": layout}
-    compiled = torch.compile(fused.FUNCTIONS[name], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
-    with torch.no_grad():
-        result, codes = run_and_get_code(compiled, *arguments, **keywords)
-        expected = fused.FUNCTIONS[name](*arguments, **keywords)
+    if name.endswith("_group"):
+        teachers = [teacher, torch.randn(n, c, h // 2, w)]
+        base = name[:-len("_group")]
+        bases = list(AKDLoss(base=base, num_avatars=k).base_losses)[:1] * 2
+        students = [torch.randn(t.shape, requires_grad=True) for t in teachers]
+        # the paper's scale (two levels in one call); the release's factor and the inverse-variance
+        # weights, whose statistics come in the call
+        extra = (1.0, 0.1) if base == "cwd" else ()
+        arguments = [(t, keys, torch.rand(1, c, 1, 1) + 0.5 if base == "cwd" else None, None, extra) for t in teachers]
+        keywords = dict(drop=drop, standardised=base != "cwd", pearson=base != "cwd",
+                        weighting="mean" if base == "cwd" else "inverse_variance", layout=layout)
+
+        def run(function):
+            losses = function(bases, [b.prepare_student(s) for b, s in zip(bases, students)], arguments, keywords,
+                              [t.dtype for t in teachers])
+            gradients = torch.autograd.grad(torch.stack(losses).sum(), students)
+            return [loss.detach() for loss in losses] + list(gradients)
+
+        compiled = torch.compile(fused.FUNCTIONS[name], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
+        result, codes = run_and_get_code(run, compiled)
+        expected = run(fused.FUNCTIONS[name])
+        assert len(codes) == 2, "a forward and a backward graph"
+    else:
+        arguments = {"statistics": (teacher, keys, drop, True, True, True),
+                     "cwd": (teacher, keys, drop, affines, weights, 1.0, 0.1),
+                     "mse": (teacher, keys, drop, affines, weights),
+                     "maskd": (teacher, keys, drop, affines, weights, ReceptiveTokens(c, 6), None)}[name]
+        compiled = torch.compile(fused.FUNCTIONS[name], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
+        with torch.no_grad():
+            result, codes = run_and_get_code(compiled, *arguments, layout=layout)
+            expected = fused.FUNCTIONS[name](*arguments, layout=layout)
     for a, b in zip(torch.utils._pytree.tree_leaves(result), torch.utils._pytree.tree_leaves(expected)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     one_map = n * c * h * w

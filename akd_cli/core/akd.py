@@ -256,8 +256,9 @@ class AKDLoss(nn.Module):
         """The loop's values, with the teacher side of all levels' Avatars in a few passes
         (akd_cli.core.fused): the paper factor's statistics (``_prepare_step``, one call for all
         levels), then the rest of each level's teacher side, from its Avatars' keys to the base
-        loss's terms, and its student side, in two calls each: the first level (an FPN's largest,
-        three quarters of its elements), then the others together.
+        loss's terms, and its student side, in one call for a group of levels
+        (``fused.group_losses``): the first level (an FPN's largest, three quarters of its
+        elements), then the others together.
 
         One call for all levels would make every level's teacher term, and each level's student as
         the loss takes it, exist at once before the first level's loss: on ResNet-50 FPN shapes
@@ -294,10 +295,8 @@ class AKDLoss(nn.Module):
                         standardised=self.uncertainty == "release" and base.release_standardises_avatar,
                         pearson=base.normalises_teacher, weighting=self.weighting,
                         layout=fused_passes.layout_for(base.teacher_pass))
-        with torch.no_grad(), float32_reductions(teachers[group[0]]):
-            terms = fused_passes.levels(base.teacher_pass, self.avatar_kernel == "compiled")(arguments, keywords)
-        return fused_passes.function(base.teacher_pass + "_students", self.avatar_kernel == "compiled")(
-            bases, prepared, terms, [teachers[level].dtype for level in group])
+        return fused_passes.function(base.teacher_pass + "_group", self.avatar_kernel == "compiled")(
+            bases, prepared, arguments, keywords, [teachers[level].dtype for level in group])
 
     def _student_under_factor(self, student: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """The student as the base loss takes it under the factor (``scale``: the paper's 1 / sigma,

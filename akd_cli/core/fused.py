@@ -25,14 +25,14 @@ the sums differs. Under float16 autocast the features arrive in float16; these p
 float32 throughout (the loop path computes each Avatar in the feature's dtype), so the two agree
 to float16's precision, and no sum can overflow.
 
-A call of the loss makes three compiled calls, whatever its level count: the keys of all levels'
-Avatars (``counter_rng.avatar_keys``), then the rest of the teacher side (``teacher_terms``:
-statistics, factor, weights, terms) of the first level, then that of the others
-(``AKDLoss._fused_losses`` says why two), each followed by its levels' student side (one call
-forward, one backward). The paper's factor adds one after the keys: its statistics, all levels
-at once, which its all-reduce and running estimate need before any Avatar is normalised. Each
-compiled call, and each eager call around them, costs host time, and on a GPU the loss is bound
-by the host, not by bandwidth. What stays eager is each level's student preparation (the
+A call of the loss makes three compiled calls forward and two backward, whatever its level count:
+the keys of all levels' Avatars (``counter_rng.avatar_keys``), then a group's whole teacher side
+(``teacher_terms``: statistics, factor, weights, terms) and its student side (``group_losses``),
+for the first level, then for the others (``AKDLoss._fused_losses`` says why two groups), each
+one call forward and one backward. The paper's factor adds one after the keys: its statistics, all
+levels at once, which its all-reduce and running estimate need before any Avatar is normalised.
+Each compiled call, and each eager call around them, costs host time, and on a GPU the loss is
+bound by the host, not by bandwidth. What stays eager is each level's student preparation (the
 factor's batch norm or scale, the base loss's ``prepare_student``: MGD's random mask and
 generation, MasKD's call count), and the finiteness check.
 
@@ -50,6 +50,7 @@ import torch
 
 from akd_cli.core import counter_rng
 from akd_cli.core.losses import BASE_LOSSES
+from akd_cli.core.precision import float32_reductions
 from akd_cli.core.uncertainty import RELEASE_BN_EPS, inverse_variance_weights, teacher_channel_spread
 
 _LOG2_E = 1.4426950408889634
@@ -317,23 +318,9 @@ def statistics_levels(arguments: list, keywords: dict) -> list:
     return [FUNCTIONS["statistics"](*level, **keywords) for level in arguments]
 
 
-def cwd_levels(arguments: list, keywords: dict) -> list:
-    return [FUNCTIONS["terms"](*level, teacher_pass="cwd", **keywords) for level in arguments]
-
-
-def mse_levels(arguments: list, keywords: dict) -> list:
-    return [FUNCTIONS["terms"](*level, teacher_pass="mse", **keywords) for level in arguments]
-
-
-def maskd_levels(arguments: list, keywords: dict) -> list:
-    return [FUNCTIONS["terms"](*level, teacher_pass="maskd", **keywords) for level in arguments]
-
-
 def student_side(bases: list, prepared: list, terms: list, dtypes: list) -> list:
     """Each level's loss from its student (as its base loss prepared it) and its Avatars' terms: the
-    base loss's own ``fused``, the loop path's code (the student's gradient flows through it).
-    Compiled, a group of levels is one call forward and one backward, where eagerly each level made
-    some fifteen calls forward and eight backward: host work a GPU step waits on."""
+    base loss's own ``fused``, the loop path's code (the student's gradient flows through it)."""
     losses = []
     for base, ready, (phi_bar, constant), dtype in zip(bases, prepared, terms, dtypes):
         if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
@@ -342,25 +329,35 @@ def student_side(bases: list, prepared: list, terms: list, dtypes: list) -> list
     return losses
 
 
+def group_losses(bases: list, prepared: list, arguments: list, keywords: dict, dtypes: list, teacher_pass: str) -> list:
+    """The losses of a group of levels: each level's whole teacher side (``teacher_terms``: its
+    positional arguments in ``arguments``, those all levels share in ``keywords``), then its student
+    side (``student_side``). Compiled, a group is one call forward and one backward: eagerly, each
+    level's teacher side made some twenty host calls and its student side fifteen forward and eight
+    backward, host work a GPU step waits on. No gradient flows into the teacher side, and its
+    reductions stay in float32 under autocast, as the loop's do."""
+    with torch.no_grad(), float32_reductions(arguments[0][0]):
+        terms = [FUNCTIONS["terms"](*level, teacher_pass=teacher_pass, **keywords) for level in arguments]
+    return student_side(bases, prepared, terms, dtypes)
+
+
 # One code object per pass here too, so that each keeps its own recompile limit.
-def cwd_students(bases: list, prepared: list, terms: list, dtypes: list) -> list:
-    return student_side(bases, prepared, terms, dtypes)
+def cwd_group(bases: list, prepared: list, arguments: list, keywords: dict, dtypes: list) -> list:
+    return group_losses(bases, prepared, arguments, keywords, dtypes, "cwd")
 
 
-def mse_students(bases: list, prepared: list, terms: list, dtypes: list) -> list:
-    return student_side(bases, prepared, terms, dtypes)
+def mse_group(bases: list, prepared: list, arguments: list, keywords: dict, dtypes: list) -> list:
+    return group_losses(bases, prepared, arguments, keywords, dtypes, "mse")
 
 
-def maskd_students(bases: list, prepared: list, terms: list, dtypes: list) -> list:
-    return student_side(bases, prepared, terms, dtypes)
+def maskd_group(bases: list, prepared: list, arguments: list, keywords: dict, dtypes: list) -> list:
+    return group_losses(bases, prepared, arguments, keywords, dtypes, "maskd")
 
 
 FUNCTIONS = {"keys": counter_rng.avatar_keys, "avatar": one_avatar, "statistics": statistics,
-             "terms": teacher_terms,
-             "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms,
-             "statistics_levels": statistics_levels, "cwd_levels": cwd_levels, "mse_levels": mse_levels,
-             "maskd_levels": maskd_levels, "cwd_students": cwd_students, "mse_students": mse_students,
-             "maskd_students": maskd_students}
+             "terms": teacher_terms, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms,
+             "statistics_levels": statistics_levels, "cwd_group": cwd_group, "mse_group": mse_group,
+             "maskd_group": maskd_group}
 RECOMPILE_LIMIT = 64
 _compiled: Dict[str, object] = {}
 

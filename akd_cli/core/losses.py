@@ -313,7 +313,11 @@ class MasKDLoss(BaseLoss):
 
     def fused(self, prepared, phi, constant, **context):
         n, c = prepared.shape[:2]
-        weighted, position = phi[:, :c], phi[:, c:]
+        # The position weights, saved for the student's gradient, in a tensor of their own (1 / C of a
+        # map): as a view, compiled with the Avatars' passes (akd_cli.core.fused.group_losses), the
+        # backward checked them against the accumulator's strides at the first call's sizes, where
+        # inductor had laid it out channels-last, and a level of other sizes failed (torch 2.13).
+        weighted, position = phi[:, :c], phi[:, c:].contiguous()
         mean_avatar = weighted / position.clamp_min(torch.finfo(position.dtype).tiny)
         squared = self._weighted_squared_error(position, prepared, mean_avatar)
         spread = (constant - _rowwise_dot(weighted.flatten(1), mean_avatar.flatten(1)).double()).clamp_min(0.0)
