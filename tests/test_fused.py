@@ -295,7 +295,7 @@ def test_compiled_passes_store_no_avatar(name, layout):
     torch.manual_seed(0)
     teacher = torch.randn(n, c, h, w)
     keys = counter_rng.avatar_keys(torch.tensor(5), torch.arange(k))
-    affines = [("mul", None, fused.rows_by_group(torch.rand(k, c) + 0.5, layout))]
+    affines = [("mul", None, torch.rand(k, c) + 0.5)]
     weights = torch.rand(k, n) + 0.5
     drop = counter_rng.Drop.of(0.1)
     if name.endswith("_group"):
@@ -350,7 +350,7 @@ def test_maskds_token_weights_are_one_head_call_for_all_avatars(layout):
     torch.manual_seed(0)
     teacher = torch.randn(n, c, h, w)
     keys = counter_rng.avatar_keys(torch.tensor(5), torch.arange(k))
-    arguments = (teacher, keys, counter_rng.Drop.of(0.1), [("mul", None, fused.rows_by_group(torch.rand(k, c) + 0.5, layout))],
+    arguments = (teacher, keys, counter_rng.Drop.of(0.1), [("mul", None, torch.rand(k, c) + 0.5)],
                  torch.rand(k, n) + 0.5, ReceptiveTokens(c, 6), None)
     compiled = torch.compile(fused.FUNCTIONS["maskd"], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
     with torch.no_grad():

@@ -155,59 +155,34 @@ def _spans(groups: List[torch.Tensor]):
         start += a.shape[0]
 
 
-def group_statistics(groups: List[torch.Tensor], teacher: torch.Tensor, sigma: bool, per_avatar_channel: bool,
-                     per_image_channel: bool) -> Dict[str, object]:
-    """Pass 1 on a level's Avatar groups (``avatar_groups``): the raw Avatars' statistics the options
-    need (float32), one loop over the teacher per reduction shape. Per-Avatar statistics stay one
-    tensor per group (G x C, G x N x C), not concatenated: inductor writes each input of a
-    concatenation by a kernel of its own, so the unrolled layout's K groups made K small kernels
-    per statistic and level (CPU code: 8 of a level's 15 loops forward, MSE, the release's factor,
-    8 Avatars)."""
-    out: Dict[str, object] = {}
+def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
+               sigma: bool, per_avatar_channel: bool, per_image_channel: bool, *, layout: str) -> Dict[str, torch.Tensor]:
+    """Pass 1: the raw Avatars' statistics the options need (float32): one loop over the teacher per
+    reduction shape."""
+    groups = avatar_groups(teacher, keys, drop, layout)
+    out = {}
     if sigma:
         t = teacher.float()
-        out["sigma_sum"] = _total((a - t).pow(2).sum(dim=(0, 1, 3, 4)) for a in groups)           # C
+        out["sigma_sum"] = _total((a - t).pow(2).sum(dim=(0, 1, 3, 4)) for a in groups)          # C
     if per_avatar_channel:
         # Welford's one-pass mean and biased variance (inductor's var_mean reduction)
         moments = [torch.var_mean(a, dim=(1, 3, 4), correction=0) for a in groups]
-        out["mean"] = [mean for _, mean in moments]                                             # G x C each
-        out["var"] = [var for var, _ in moments]
+        out["mean"] = torch.cat([mean for _, mean in moments])                                 # K x C
+        out["var"] = torch.cat([var for var, _ in moments])
     if per_image_channel:
-        out["image_channel_mean"] = [a.mean(dim=(3, 4)) for a in groups]                        # G x N x C each
+        out["image_channel_mean"] = torch.cat([a.mean(dim=(3, 4)) for a in groups])           # K x N x C
     return out
 
 
-def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
-               sigma: bool, per_avatar_channel: bool, per_image_channel: bool, *, layout: str) -> Dict[str, torch.Tensor]:
-    """Pass 1 as a pass of its own (the paper's factor, whose sum goes to an all-reduce before any
-    Avatar is normalised): ``group_statistics``, the per-Avatar ones as K-row tensors."""
-    out = group_statistics(avatar_groups(teacher, keys, drop, layout), teacher, sigma, per_avatar_channel,
-                           per_image_channel)
-    return {name: torch.cat(value) if isinstance(value, list) else value for name, value in out.items()}
+Affine = Tuple[str, Optional[torch.Tensor], torch.Tensor]
 
 
-def rows_by_group(value: torch.Tensor, layout: str) -> List[torch.Tensor]:
-    """A K-row tensor as ``layout`` groups the Avatars (views): whole, or one row per group."""
-    return [value] if layout == "stacked" else list(value.split(1))
-
-
-def _by_group(value, groups: List[torch.Tensor]) -> List[torch.Tensor]:
-    """K-row statistics as the groups' rows (views), or a per-group list as it is."""
-    if isinstance(value, list):
-        return value
-    return [value[rows] for _, rows in _spans(groups)]
-
-
-# (op, shifts or None, factors): one G x C tensor (or 1 x C) per Avatar group, in the groups' order
-Affine = Tuple[str, Optional[List[torch.Tensor]], List[torch.Tensor]]
-
-
-def _seen(a: torch.Tensor, group: int, affines: Sequence[Affine]) -> torch.Tensor:
+def _seen(a: torch.Tensor, rows: slice, affines: Sequence[Affine]) -> torch.Tensor:
     """A group of Avatars as the base loss takes them: each affine, in turn, maps a -> (a - shift) *
     mult or (a - shift) / div per (Avatar, channel), the loop path's operations in its order."""
-    for op, shifts, factors in affines:
-        a = a - shifts[group][:, None, :, None, None] if shifts is not None else a
-        factor = factors[group][:, None, :, None, None]
+    for op, shift, factor in affines:
+        a = a - shift[rows][:, None, :, None, None] if shift is not None else a
+        factor = factor[rows][:, None, :, None, None]
         a = a * factor if op == "mul" else a / factor
     return a
 
@@ -219,7 +194,7 @@ def _normalised_weights(weights: Optional[torch.Tensor]) -> Optional[torch.Tenso
 def _weight(g: Optional[torch.Tensor], rows: slice, k: int, trailing: int):
     """A group's normalised Avatar weights (G x N, then ``trailing`` dimensions of one), or 1 / K
     where all weigh the same (``weights`` None): a constant, not a K x N tensor of ones, which was
-    a kernel of its own per level."""
+    a loop of its own per level in the generated code (a kernel launch on a GPU)."""
     if g is None:
         return 1.0 / k
     w = g[rows]
@@ -231,8 +206,8 @@ def cwd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tau: floa
     spatial softmaxes, and of sum_c (sum_hw p log p) times the loss's scale."""
     k, g = keys[1].shape[0], _normalised_weights(weights)                                     # K x N or None
     phi_bars, constants = [], []
-    for group, (raw, rows) in enumerate(_spans(avatar_groups(teacher, keys, drop, layout))):
-        a = _seen(raw, group, affines)
+    for raw, rows in _spans(avatar_groups(teacher, keys, drop, layout)):
+        a = _seen(raw, rows, affines)
         logits = a.flatten(3) if tau == 1.0 else a.flatten(3) / tau                            # G x N x C x HW
         top = logits.amax(dim=3, keepdim=True)
         lse = top + torch.log(torch.exp(logits - top).sum(dim=3, keepdim=True))              # G x N x C x 1
@@ -251,8 +226,8 @@ def mse_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, *, layout
     (N, float64: the weighted mean of |a_k|^2)."""
     k, g = keys[1].shape[0], _normalised_weights(weights)
     phi_bars, constants = [], []
-    for group, (raw, rows) in enumerate(_spans(avatar_groups(teacher, keys, drop, layout))):
-        a = _seen(raw, group, affines)
+    for raw, rows in _spans(avatar_groups(teacher, keys, drop, layout)):
+        a = _seen(raw, rows, affines)
         phi_bars.append((a * _weight(g, rows, k, 3)).sum(dim=0))
         constants.append((a.pow(2).sum(dim=(2, 3, 4)) * _weight(g, rows, k, 0)).sum(dim=0))
     return _total(phi_bars), _total(constants).double()
@@ -264,8 +239,7 @@ def maskd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tokens,
     (N, float64: sum_k g sum_hw b_k |a_k|^2), b_k = sum_t w_t m_t^2 / (c sum_hw m_t)."""
     token = tokens.mask_token.float()                                                          # T x C
     g = _normalised_weights(weights)
-    groups = [(_seen(raw, group, affines), rows)
-              for group, (raw, rows) in enumerate(_spans(avatar_groups(teacher, keys, drop, layout)))]
+    groups = [(_seen(raw, rows, affines), rows) for raw, rows in _spans(avatar_groups(teacher, keys, drop, layout))]
     # The token weights of every group in one call of the head's products: per group, they would be
     # two external kernels (a matrix product and a convolution) per group and level in the graph.
     k, (n, c, h, w) = keys[1].shape[0], teacher.shape
@@ -294,20 +268,14 @@ def wanted_statistics(sigma: bool, standardised: bool, pearson: bool, weighting:
     return dict(sigma=sigma, per_avatar_channel=standardised or pearson, per_image_channel=weighting == "inverse_variance")
 
 
-def pearson_affine(means: List[torch.Tensor], variances: List[torch.Tensor], count: int,
-                   affines: Sequence[Affine]) -> Affine:
+def pearson_affine(mean: torch.Tensor, var: torch.Tensor, count: int, affines: Sequence[Affine]) -> Affine:
     """PKD's normalisation of the Avatars as seen (each channel to zero mean and unit unbiased
-    std), from the raw Avatars' moments (one G x C tensor per group) through the affines before it:
-    ("div", mean', std' + 1e-6)."""
-    shifts, spreads = [], []
-    for group, (mean, var) in enumerate(zip(means, variances)):
-        for op, shift, factors in affines:
-            mean = mean - shift[group] if shift is not None else mean
-            factor = factors[group]
-            mean, var = (mean * factor, var * factor ** 2) if op == "mul" else (mean / factor, var / factor ** 2)
-        shifts.append(mean)
-        spreads.append(torch.sqrt(var * (count / max(count - 1, 1))) + 1e-6)
-    return ("div", shifts, spreads)
+    std), from the raw Avatars' moments through the affines before it: ("div", mean', std' + 1e-6)."""
+    for op, shift, factor in affines:
+        mean = mean - shift if shift is not None else mean
+        mean, var = (mean * factor, var * factor ** 2) if op == "mul" else (mean / factor, var / factor ** 2)
+    std = torch.sqrt(var * (count / max(count - 1, 1)))
+    return ("div", mean, std + 1e-6)
 
 
 def teacher_terms(teacher: torch.Tensor, keys, scale: Optional[torch.Tensor], stats: Optional[Dict[str, torch.Tensor]],
@@ -329,23 +297,19 @@ def teacher_terms(teacher: torch.Tensor, keys, scale: Optional[torch.Tensor], st
     its Avatars by it), or None. ``standardised``: the release's factor standardises this base
     loss's Avatars. ``pearson``: the base loss normalises its teacher (PKD). ``extra``: the base
     loss's own arguments (CWD: tau and scale; MasKD: its tokens and the student's masks or None)."""
-    n, c, h, w = teacher.shape
-    groups = avatar_groups(teacher, keys, drop, layout)
+    k, (n, c, h, w) = keys[1].shape[0], teacher.shape
     if stats is None:
-        stats = group_statistics(groups, teacher, **wanted_statistics(False, standardised, pearson, weighting))
+        stats = statistics(teacher, keys, drop, **wanted_statistics(False, standardised, pearson, weighting), layout=layout)
     affines: List[Affine] = []
     if scale is not None:
-        affines.append(("mul", None, [scale.reshape(1, c)] * len(groups)))
+        affines.append(("mul", None, scale.reshape(1, c).expand(k, c)))
     elif standardised:
-        affines.append(("div", _by_group(stats["mean"], groups),
-                        [torch.sqrt(var + RELEASE_BN_EPS) for var in _by_group(stats["var"], groups)]))
+        affines.append(("div", stats["mean"], torch.sqrt(stats["var"] + RELEASE_BN_EPS)))
     if pearson:
-        affines.append(pearson_affine(_by_group(stats["mean"], groups), _by_group(stats["var"], groups), n * h * w, affines))
+        affines.append(pearson_affine(stats["mean"], stats["var"], n * h * w, affines))
     weights = None  # the Avatars weigh the same
     if weighting == "inverse_variance":
-        means = stats["image_channel_mean"]
-        weights = inverse_variance_weights(torch.cat(means) if isinstance(means, list) else means,
-                                           *teacher_channel_spread(teacher))
+        weights = inverse_variance_weights(stats["image_channel_mean"], *teacher_channel_spread(teacher))
     return FUNCTIONS[teacher_pass](teacher, keys, drop, affines, weights, *extra, layout=layout)
 
 
