@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # default: $OUT, else bench/gpu-out
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
-#   (parts: tests, train, host, core, profile, goals; default "tests train host core goals")
+#   (parts: tests, train, host, core, profile, graphs, goals; default "tests train host core goals")
 #   CORE_AVATARS=0,8 PARTS="core goals" bash bench/gpu_check.sh            # the core goals' rows alone
 #   CORE_KERNELS=compiled:stacked,compiled:unrolled CORE_AVATARS=0,8 PARTS=core ...  # the passes' two layouts of
 #                                                   # the Avatars (akd_cli.core.fused.LAYOUT; "compiled" alone:
@@ -19,6 +19,7 @@
 #                                                   # a0632e4 akd_cli | tar -x -C .old/a0632e4; .old/ is ignored:
 #                                                   # carry it); written to core_<factor>_<folder name>.json
 #   TESTS_K="other_layout or dropout_masks" PARTS=tests ...              # these CUDA tests (pytest -k) instead
+#   PARTS=graphs GRAPHS="mse/release/8 maskd/release/8" bash bench/gpu_check.sh   # Triton launches per compiled graph
 #   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled 8:compiled:unrolled" bash bench/gpu_check.sh
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
@@ -113,6 +114,12 @@ part_host() {
   part_end "${PIPESTATUS[0]}"
 }
 
+part_graphs() {
+  part_start "kernel launches per compiled graph of one loss call (bench/graph_loops.py): ${GRAPHS:-mse/release/8 cwd/paper/8}"
+  timeout "$(limit "${GRAPHS_LIMIT:-240}")" $PY bench/graph_loops.py --device cuda ${GRAPHS:-mse/release/8 cwd/paper/8} 2>> "$ERR" | tee -a "$LOG"
+  part_end "${PIPESTATUS[0]}"
+}
+
 part_profile() {
   part_start "profile: $PROFILE_BASE, $PROFILE_FACTOR factor (Avatars:kernel[:hash bits] = $PROFILES)"
   for run in $PROFILES; do
@@ -144,7 +151,7 @@ part_goals() {
 for part in $PARTS; do
   case $part in
     goals) part_goals ;;
-    tests|core|profile|train|host) has_time "$part" && "part_$part" ;;
-    *) say "unknown part $part (tests, core, profile, train, host, goals)" ;;
+    tests|core|profile|train|host|graphs) has_time "$part" && "part_$part" ;;
+    *) say "unknown part $part (tests, core, profile, train, host, graphs, goals)" ;;
   esac
 done

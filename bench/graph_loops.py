@@ -1,0 +1,70 @@
+"""What the compiled Avatar passes generate: per compiled graph of one loss call (forward and
+backward), the loops of inductor's CPU code, or the kernel launches of its GPU code. Tiny five-level
+maps (as bench/host_calls.py): the code's form does not depend on the sizes (dynamic shapes).
+
+On a GPU each launch costs host time, and the loss is bound by the host (bench/RESULTS.md). On the
+CPU, inductor puts a graph's loops in one C++ function, so they cost no launches there; but their
+count is a proxy for the GPU's launches (inductor's GPU code launches about one kernel per fused
+node, where its CPU code writes one loop nest, or merges a few under one outer loop).
+
+    python bench/graph_loops.py [--device cpu|cuda] [--root TREE] mse/release/8 cwd/paper/8 ...
+
+``--root`` imports akd_cli from another checkout (``git archive REV akd_cli | tar -x -C TREE``):
+two commits' counts side by side. Compiles each configuration (minutes on the CPU for MasKD).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+SHAPES = [(2, 16, 32, 32), (2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
+
+
+def units(code: str, device: str) -> int:
+    """Loop nests (CPU: each top-level ``#pragma omp for/single`` of the kernel sources) or Triton
+    kernel launches (GPU: each ``.run(`` of the graph's wrapper; external kernels, such as MasKD's
+    matrix products, not counted). The GPU form is written from inductor's wrapper code and not yet
+    run on a GPU: the session that wrote it had none."""
+    if device == "cpu":
+        return len(re.findall(r"^ {8,12}#pragma omp (?:for|single)", code, re.M))
+    return len(re.findall(r"\.run\(", code))
+
+
+def count(base: str, factor: str, avatars: int, device: str) -> list:
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    from akd_cli import AKDLoss
+
+    torch.manual_seed(0)
+    options = dict(channels=16, num_levels=len(SHAPES), student_masks_after=1) if base == "maskd" else {}
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=factor, avatar_kernel="compiled", **options).to(device)
+    students = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
+    teachers = [torch.randn(s, device=device) for s in SHAPES]
+    _, codes = run_and_get_code(lambda: loss_fn(students, teachers).backward())
+    return [units(code, device) for code in codes]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("configurations", nargs="+", help="base/factor/Avatars, e.g. mse/release/8")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    args = parser.parse_args(argv)
+    # a graph served from inductor's cache brings no code to count
+    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
+    sys.path.insert(0, os.path.abspath(args.root))
+    what = "loops" if args.device == "cpu" else "kernel launches"
+    print(f"| base, factor, Avatars | {what} per compiled graph, in compilation order | total |")
+    print("|---|---|---|")
+    for configuration in args.configurations:
+        base, factor, avatars = configuration.split("/")
+        per_graph = count(base, factor, int(avatars), args.device)
+        print(f"| {base}, {factor}, {avatars} | {' '.join(map(str, per_graph))} | {sum(per_graph)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
