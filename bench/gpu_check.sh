@@ -14,7 +14,7 @@
 #                                                   # part then also checks each base's other layout against the loop
 #   TRAIN_KERNELS=loop,compiled:stacked,compiled:unrolled PARTS=train ...  # the step with both layouts
 #   TRAIN_AVATARS=1,8 ...                          # the step's AKD rows: these Avatar counts (default 1,4,8)
-#   CORE_ROOT=.old/a0632e4 CORE_BASES=cwd PARTS=core ...  # then the same core rows of another commit's akd_cli, in
+#   CORE_ROOT=.old/a0632e4,.old/e8f4a9c CORE_BASES=cwd PARTS=core ...  # then the same core rows of other commits' akd_cli, in
 #                                                   # the same call (made here: mkdir -p .old/a0632e4 && git archive
 #                                                   # a0632e4 akd_cli | tar -x -C .old/a0632e4; .old/ is ignored:
 #                                                   # carry it); written to core_<factor>_<folder name>.json
@@ -101,10 +101,12 @@ part_core() {
     has_time "core ($factor factor)" || continue
     part_start "core ($factor factor): CWD, MSE, MasKD with ${CORE_AVATARS:-0,1,8} Avatars, ${CORE_KERNELS:-loop,compiled}"
     core_run "$factor" "$OUT_DIR/core_$factor.json"
-    if [ -n "${CORE_ROOT:-}" ] && has_time "core ($factor factor) of $CORE_ROOT"; then
-      part_start "core ($factor factor) of the checkout in $CORE_ROOT, the same configurations"
-      core_run "$factor" "$OUT_DIR/core_${factor}_$(basename "$CORE_ROOT").json" --root "$CORE_ROOT"
-    fi
+    roots=${CORE_ROOT:-}
+    for root in ${roots//,/ }; do
+      has_time "core ($factor factor) of $root" || continue
+      part_start "core ($factor factor) of the checkout in $root, the same configurations"
+      core_run "$factor" "$OUT_DIR/core_${factor}_$(basename "$root").json" --root "$root"
+    done
   done
 }
 
