@@ -167,9 +167,10 @@ def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
     if per_avatar_channel:
         # Welford's one-pass mean and biased variance (inductor's var_mean reduction)
         moments = [torch.var_mean(a, dim=(1, 3, 4), correction=0) for a in groups]
-        # Concatenated, the variances are written by one small loop per group (unrolled: per
-        # Avatar), but stored: kept per group (414991b), each Avatar's factor was inlined into every
-        # element of the later passes, and MSE's forward took +20% on the CPU (bench/RESULTS.md).
+        # Concatenated: each group's variance takes a small loop of its own to write (unrolled: one
+        # per Avatar), but it is stored. Kept per group (414991b), each Avatar's factor was
+        # recomputed at every element of the later passes: MSE's forward +20% on the CPU
+        # (bench/RESULTS.md).
         out["mean"] = torch.cat([mean for _, mean in moments])                                 # K x C
         out["var"] = torch.cat([var for var, _ in moments])
     if per_image_channel:
