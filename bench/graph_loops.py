@@ -19,9 +19,6 @@ import os
 import re
 import sys
 
-SHAPES = [(2, 16, 32, 32), (2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
-
-
 def units(code: str, device: str) -> int:
     """Loop nests (CPU: each top-level ``#pragma omp for/single`` of the kernel sources) or Triton
     kernel launches (GPU: each ``.run(`` of the graph's wrapper; external kernels, such as MasKD's
@@ -33,16 +30,11 @@ def units(code: str, device: str) -> int:
 
 
 def count(base: str, factor: str, avatars: int, device: str) -> list:
-    import torch
     from torch._inductor.utils import run_and_get_code
 
-    from akd_cli import AKDLoss
+    from host_calls import tiny_loss
 
-    torch.manual_seed(0)
-    options = dict(channels=16, num_levels=len(SHAPES), student_masks_after=1) if base == "maskd" else {}
-    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=factor, avatar_kernel="compiled", **options).to(device)
-    students = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
-    teachers = [torch.randn(s, device=device) for s in SHAPES]
+    loss_fn, students, teachers = tiny_loss(base, factor, "compiled", avatars, device)
     _, codes = run_and_get_code(lambda: loss_fn(students, teachers).backward())
     return [units(code, device) for code in codes]
 

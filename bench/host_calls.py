@@ -42,11 +42,25 @@ FORCED = [("cwd", "paper", 8), ("maskd", "release", 8)]  # --layouts: these comp
 READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist"}
 
 
+def tiny_loss(base: str, factor: str, kernel: str, avatars: int, device: str):
+    """The loss of a configuration (seeded) with its students and teachers on the tiny maps of
+    SHAPES (bench/graph_loops.py takes them too)."""
+    import torch
+
+    from akd_cli import AKDLoss
+
+    torch.manual_seed(0)
+    options = dict(channels=16, num_levels=len(SHAPES), student_masks_after=1) if base == "maskd" else {}
+    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=factor, avatar_kernel=kernel, **options).to(device)
+    students = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
+    teachers = [torch.randn(s, device=device) for s in SHAPES]
+    return loss_fn, students, teachers
+
+
 def measure(base: str, factor: str, kernel: str, avatars: int, device: str, repeats: int) -> dict:
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from akd_cli import AKDLoss
     from akd_cli.core import fused
     from core_losses import with_layout
 
@@ -63,12 +77,7 @@ def measure(base: str, factor: str, kernel: str, avatars: int, device: str, repe
                 self.after += 1
             return func(*args, **(kwargs or {}))
 
-    torch.manual_seed(0)
-    options = dict(channels=16, num_levels=len(SHAPES), student_masks_after=1) if base == "maskd" else {}
-    loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=factor, avatar_kernel=with_layout(kernel),
-                      **options).to(device)
-    students = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
-    teachers = [torch.randn(s, device=device) for s in SHAPES]
+    loss_fn, students, teachers = tiny_loss(base, factor, with_layout(kernel), avatars, device)
 
     def step():
         loss_fn(students, teachers).backward()
