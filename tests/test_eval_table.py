@@ -176,6 +176,15 @@ def test_table_refuses_broken_markers_and_leaves_the_file_alone(tmp_path):
     assert readme.read_text() == broken
 
 
+def test_table_makes_a_missing_readme_but_not_a_missing_directory(tmp_path):
+    made = tmp_path / "README.md"
+    run_akd("table", "--readme", made, cwd=tmp_path)
+    assert made.read_text().startswith("<!-- akd-table:start -->\n")
+    typo = tmp_path / "no-such-dir" / "README.md"
+    assert "no directory" in refused("table", "--readme", typo, cwd=tmp_path)
+    assert not typo.parent.exists()
+
+
 def test_table_reports_and_skips_corrupt_metrics(evaluated, tmp_path):
     work, record, _ = evaluated
     bad = tmp_path / "bad"
