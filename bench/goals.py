@@ -7,11 +7,12 @@
 
     python bench/goals.py OUT_DIR        # reads OUT_DIR/train_step.json and OUT_DIR/core_*.json
 
-Each goal is judged on medians, per Avatar kernel; a goal is met when some kernel meets it (a user
-picks the kernel), and the table names which. The step's quartiles are shown beside it: a verdict
-whose margin is inside them is the noise's as much as the code's, and says so (the limit, base
-time plus the allowed percentage, within the best configuration's quartiles). Figures absent from
-the folder are reported as not measured.
+Each goal is judged per Avatar kernel; a goal is met when some kernel meets it (a user picks the
+kernel), and the table names which. The step's changes are paired by round (bench/train_step.py),
+each with its 95% interval: met when the whole interval is within the limit, not met when it is all
+beyond, undecided when it holds the limit. The control row (the base loss built twice) says what two
+identical configurations differ by in that run. The core's goals are judged on medians. Figures
+absent from the folder are reported as not measured.
 """
 from __future__ import annotations
 
@@ -26,29 +27,55 @@ CORE_GOAL = 1.5                     # at most this multiple of the plain loss's 
 CORE_BASES = ("cwd", "mse", "maskd")
 
 
+def judged(pct: float, ci, limit: float) -> str:
+    """A change (percent) against its limit: met when the whole 95% interval is within it, not met
+    when the whole interval is beyond it, and undecided when the interval holds the limit (the run
+    cannot tell; more rounds or a quieter machine can)."""
+    if ci is None:  # the result cell says so
+        return "met" if pct <= limit else "not met"
+    if ci[1] <= limit:
+        return "met"
+    if ci[0] > limit:
+        return "not met"
+    return f"undecided: the interval holds the limit (+{limit:g}%)"
+
+
+def _change(row: dict, base: dict):
+    """(percent, 95% interval or None): paired by round where train_step.py measured that, else the
+    medians' ratio alone."""
+    if row.get("vs_base_pct") is not None:
+        return row["vs_base_pct"], row.get("vs_base_ci")
+    return 100 * (row["ms"] / base["ms"] - 1), None
+
+
+def _cell(label: str, pct: float, ci) -> str:
+    return f"{label} {pct:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else " (no interval: too few rounds)")
+
+
 def step_rows(rows: list) -> list:
     """(goal, result, verdict) rows of the training step's goals."""
     base = next((r for r in rows if r["label"] == "base loss"), None)
     if base is None:
         return [("training step", "no base-loss row", "not measured")]
     out = []
+    control = next((r for r in rows if r["label"].endswith("(control)")), None)
+    if control is not None:
+        pct, ci = _change(control, base)
+        apart = ci is not None and (ci[0] > 0 or ci[1] < 0)
+        out.append(("control: the base loss built twice (what identical configurations differ by)",
+                    _cell("control", pct, ci),
+                    "they differ: a change of this size is the configurations', not the code's" if apart
+                    else "no difference found" if ci is not None else "cannot tell"))
     for avatars, limit in STEP_GOALS:
-        found = [(r, 100 * (r["ms"] / base["ms"] - 1)) for r in rows if r["avatars"] == avatars]
+        found = [(r, *_change(r, base)) for r in rows if r["avatars"] == avatars]
         if not found:
             out.append((f"{avatars} Avatar(s) at most +{limit:g}% step time", "-", "not measured"))
             continue
-        cells = []
-        for r, change in found:
-            q = r.get("ms_quartiles")
-            spread = f", quartiles {q[0]:.0f}-{q[1]:.0f} ms" if q else ""
-            cells.append(f"{r['kernel']} {change:+.1f}% ({r['ms']:.1f} ms{spread})")
-        best = min(found, key=lambda item: item[1])
-        q = base.get("ms_quartiles")
-        cells.append(f"base {base['ms']:.1f} ms" + (f", quartiles {q[0]:.0f}-{q[1]:.0f} ms" if q else ""))
-        verdict = f"met ({best[0]['kernel']})" if best[1] <= limit else "not met"
-        best_q = best[0].get("ms_quartiles")
-        if best_q and best_q[0] <= base["ms"] * (1 + limit / 100) <= best_q[1]:
-            verdict += ", inside the noise (the limit lies within the quartiles)"
+        cells = [_cell(r["kernel"], pct, ci) for r, pct, ci in found] + [f"base {base['ms']:.1f} ms"]
+        verdicts = [(r["kernel"], judged(pct, ci, limit)) for r, pct, ci in found]
+        met = [kernel for kernel, verdict in verdicts if verdict.startswith("met")]
+        verdict = f"met ({', '.join(met)})" if met else "; ".join(
+            verdict if len(verdicts) == 1 else f"{kernel}: {verdict}" for kernel, verdict in verdicts)
         out.append((f"{avatars} Avatar{'s' if avatars > 1 else ''} at most +{limit:g}% step time", "; ".join(cells),
                     verdict))
     changes = [(r, 100 * (r["peak_mib"] / base["peak_mib"] - 1)) for r in rows if r["avatars"] > 0]

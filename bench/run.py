@@ -98,18 +98,28 @@ def bench_core(device: str, uncertainty: str = "release", bases: str = "", avata
 
 
 def bench_train_step(preset: str, size: str, batch: int, device: str, repeats: int) -> str:
-    cmd = [PY, str(BENCH / "train_step.py"), "--preset", preset, "--size", size, "--batch", str(batch),
-           "--device", device, "--repeats", str(repeats)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout.strip()
-    rows = {line.split("|")[1].strip(): line for line in out.splitlines()[2:]}
+    import json
 
-    def pct(label, col):
-        return float(rows[label].split("|")[col].strip().rstrip("%"))
+    from goals import judged
 
-    one, eight_t, eight_m = pct("AKD, 1 Avatar", 3), pct("AKD, 8 Avatars", 3), pct("AKD, 8 Avatars", 5)
-    verdict = (f"Against the base loss: 1 Avatar {one:+.1f}% time (goal <= +2%: {'met' if one <= 2 else 'not met'}); "
-               f"8 Avatars {eight_t:+.1f}% time (goal <= +10%: {'met' if eight_t <= 10 else 'not met'}), "
-               f"{eight_m:+.1f}% peak memory (goal <= +5%: {'met' if eight_m <= 5 else 'not met'}).")
+    with tempfile.TemporaryDirectory(prefix="akd-bench-step-") as scratch:
+        figures = os.path.join(scratch, "train_step.json")
+        cmd = [PY, str(BENCH / "train_step.py"), "--preset", preset, "--size", size, "--batch", str(batch),
+               "--device", device, "--repeats", str(repeats)]
+        out = subprocess.run(cmd + ["--json", figures], check=True, capture_output=True, text=True, cwd=REPO).stdout.strip()
+        with open(figures) as f:
+            rows = {r["label"]: r for r in json.load(f)}
+    base = rows["base loss"]
+
+    def change(label, limit):
+        pct, ci = rows[label]["vs_base_pct"], rows[label]["vs_base_ci"]
+        spread = f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
+        return f"{pct:+.1f}%{spread} time (goal <= +{limit}%: {judged(pct, ci, limit)})"
+
+    memory = 100 * (rows["AKD, 8 Avatars"]["peak_mib"] / base["peak_mib"] - 1)
+    verdict = (f"Against the base loss, paired by round (median, 95% interval): 1 Avatar {change('AKD, 1 Avatar', 2)}; "
+               f"8 Avatars {change('AKD, 8 Avatars', 10)}, {memory:+.1f}% peak memory "
+               f"(goal <= +5%: {'met' if memory <= 5 else 'not met'}).")
     return section(f"Training step: {preset}, {size}, batch {batch} ({device})",
                    " ".join(["python bench/train_step.py"] + cmd[2:]), out, verdict)
 

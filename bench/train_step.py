@@ -6,8 +6,13 @@ and AKD with 1, 4 and 8 Avatars. Random weights and a random batch (the cost doe
     python bench/train_step.py ... --avatar-kernels loop,compiled    # both Avatar kernels, side by side
     python bench/train_step.py ... --avatar-kernels compiled:stacked,compiled:unrolled   # the passes' two layouts
 
-Step times: all configurations built in one process and timed round-robin (drift of a shared
-machine then falls on all alike), medians after a warm-up step. Peak memory, each configuration's
+Step times: all configurations built in one process and timed in rounds, one step each per round
+in a fresh random order (drift of a shared machine then falls on all alike), medians after a warm-up
+step. Against the base loss, each AKD row's change is paired by round: the median of the rounds'
+changes, with a distribution-free 95% interval (akd_cli.stats.median_interval). A control, the base
+loss built a second time and timed as a configuration of its own, shows what two identical
+configurations differ by in this process (what each build's memory placement or compiled state
+adds): a change inside the control's is not the code's. Peak memory, each configuration's
 resident tensors (weights, buffers, optimizer state, batch) plus what one step after warm-up adds
 over the memory in use before it: on CUDA in the same process (max_memory_allocated: cuda_peaks),
 on the CPU in a fresh process per configuration (peak RSS reset after warm-up, with CPU_MEMORY_ENV:
@@ -27,11 +32,14 @@ from memory import CPU_MEMORY_ENV, step_peak
 
 
 AVATARS = (1, 4, 8)
+BASE, CONTROL = "base loss", "base loss, again (control)"
 
 
-def configurations(kernels=("loop",), avatars=AVATARS):
-    """(label, method, Avatars, kernel): the two plain configurations, then AKD per kernel."""
-    rows = [("no distillation", "none", 0, "loop"), ("base loss", None, 0, "loop")]
+def configurations(kernels=("loop",), avatars=AVATARS, control=True):
+    """(label, method, Avatars, kernel): the plain configurations (and the base loss's control),
+    then AKD per kernel."""
+    rows = [("no distillation", "none", 0, "loop"), (BASE, None, 0, "loop")]
+    rows += [(CONTROL, None, 0, "loop")] if control else []
     for kernel in kernels:
         suffix = "" if len(kernels) == 1 else f" ({kernel})"
         rows += [(f"AKD, {k} Avatar{'s' if k > 1 else ''}{suffix}", None, k, kernel) for k in avatars]
@@ -124,42 +132,63 @@ def peak_memory(step, warmup: int, device: str) -> float:
     return (step.resident() + step_peak(step, device)) / 2 ** 20
 
 
-def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
-    """Median step time of each configuration, measured round-robin so that drift of a shared
-    machine falls on all configurations alike."""
+def interleaved_times(steps: dict, rounds: int, seed: int = 0) -> dict:
+    """Milliseconds of each configuration's step, one per round, the configurations in a fresh
+    random order each round: drift of a shared machine falls on all alike, and no configuration
+    always follows the same other one (whose memory or caches it would inherit)."""
+    import random
+
+    order = random.Random(seed)
     times = {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up; twice, as a compiled kernel may compile again for dynamic shapes
         step()
+    names = list(steps)
     for _ in range(rounds):
-        for name, step in steps.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}, \
-        {name: [1000 * q for q in statistics.quantiles(values, n=4)[::2]] for name, values in times.items()}
+        order.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def against_base(times: dict, base: str = BASE) -> dict:
+    """Each configuration's change over the base loss in percent, paired by round: the median of
+    the rounds' changes and its 95% interval (None with fewer than 6 rounds)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from akd_cli.stats import median_interval
+
+    out = {}
+    for name, values in times.items():
+        changes = [100 * (t / b - 1) for t, b in zip(values, times[base])]
+        interval = median_interval(changes)
+        out[name] = {"pct": statistics.median(changes), "ci": list(interval) if interval else None}
+    return out
 
 
 def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeats: int, kernels=("loop",),
-            avatars=AVATARS) -> list:
+            avatars=AVATARS, control: bool = True) -> list:
     """Times: all configurations in one process, interleaved. Peak memory: on CUDA in that process
     (cuda_peaks), on the CPU one fresh process each (with CPU_MEMORY_ENV; see bench/README.md)."""
     common = [__file__, "--preset", preset, "--size", size, "--batch", str(batch), "--device", device,
-              "--warmup", str(warmup), "--avatar-kernels", ",".join(kernels), "--avatars", ",".join(map(str, avatars))]
+              "--warmup", str(warmup), "--avatar-kernels", ",".join(kernels), "--avatars", ",".join(map(str, avatars)),
+              *([] if control else ["--no-control"])]
     out = subprocess.run([sys.executable, *common, "--repeats", str(repeats), "--time-all"],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-2000:])
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    times, quartiles = measured["times"], measured["quartiles"]
+    times = measured["times"]
+    paired = against_base(times)
     rows = []
-    for label, method, count, kernel in configurations(kernels, avatars):
+    for label, method, count, kernel in configurations(kernels, avatars, control):
         peak = measured["peaks"][label] if device == "cuda" else _peak_in_fresh_process(common, method, count, kernel,
                                                                                         device)
-        rows.append({"label": label, "avatars": count, "kernel": kernel, "ms": times[label],
-                     "ms_quartiles": quartiles[label], "peak_mib": peak})
-        print(f"  {label:>16}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
+        rows.append({"label": label, "avatars": count, "kernel": kernel, "ms": statistics.median(times[label]),
+                     "ms_quartiles": statistics.quantiles(times[label], n=4)[::2], "peak_mib": peak,
+                     "vs_base_pct": paired[label]["pct"], "vs_base_ci": paired[label]["ci"], "rounds_ms": times[label]})
+        print(f"  {label:>28}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", file=sys.stderr)
     return rows
 
 
@@ -173,12 +202,14 @@ def _peak_in_fresh_process(common: list, method, avatars: int, kernel: str, devi
 
 
 def markdown(rows: list) -> str:
-    base = next(r for r in rows if r["label"] == "base loss")
-    lines = ["| configuration | step time (quartiles) | vs base loss | peak memory | vs base loss |",
+    base = next(r for r in rows if r["label"] == BASE)
+    lines = ["| configuration | step time (quartiles) | vs base loss, by round (95% interval) | peak memory | vs base loss |",
              "|---|---|---|---|---|"]
     for r in rows:
         spread = f" ({r['ms_quartiles'][0]:.0f}-{r['ms_quartiles'][1]:.0f})" if r.get("ms_quartiles") else ""
-        lines.append(f"| {r['label']} | {r['ms']:.0f} ms{spread} | {100 * (r['ms'] / base['ms'] - 1):+.1f}% | "
+        ci = r.get("vs_base_ci")
+        change = "-" if r["label"] == BASE else f"{r['vs_base_pct']:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+        lines.append(f"| {r['label']} | {r['ms']:.0f} ms{spread} | {change} | "
                      f"{r['peak_mib']:.0f} MiB | {100 * (r['peak_mib'] / max(base['peak_mib'], 1e-9) - 1):+.1f}% |")
     return "\n".join(lines)
 
@@ -190,7 +221,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--repeats", type=int, default=10, help="rounds: timed steps per configuration")
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help="no second build of the base loss (the control row)")
     parser.add_argument("--json")
     parser.add_argument("--avatar-kernels", default="loop",
                         help="comma-separated: loop, compiled, compiled:stacked, compiled:unrolled")
@@ -211,12 +244,12 @@ def main() -> None:
         return
     if args.time_all:
         steps = {label: build_step(args.preset, method, count, width, height, args.batch, args.device, kernel)
-                 for label, method, count, kernel in configurations(kernels, avatars)}
-        times, quartiles = interleaved_times(steps, rounds=max(args.repeats // 2, 1), per_round=2)
-        print(json.dumps({"times": times, "quartiles": quartiles,
-                          "peaks": cuda_peaks(steps) if args.device == "cuda" else None}))
+                 for label, method, count, kernel in configurations(kernels, avatars, args.control)}
+        times = interleaved_times(steps, rounds=max(args.repeats, 2))  # quartiles need two
+        print(json.dumps({"times": times, "peaks": cuda_peaks(steps) if args.device == "cuda" else None}))
         return
-    rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats, kernels, avatars)
+    rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats, kernels, avatars,
+                   args.control)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

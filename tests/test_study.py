@@ -67,6 +67,19 @@ def test_grid_and_variants_make_the_configurations():
     assert configs[-1].settings == {"num_avatars": 2, "drop_rate": 0.2}
 
 
+def test_median_interval_takes_the_order_statistics_of_its_coverage():
+    from scipy import stats as scipy_stats
+
+    from akd_cli.stats import median_interval
+
+    # n = 20: P(B <= 5) = 0.0207, P(B <= 6) = 0.0577, so x_(6) and x_(15), coverage 95.9%
+    assert median_interval(list(range(20, 0, -1))) == (6.0, 15.0)
+    assert 1 - 2 * scipy_stats.binom.cdf(5, 20, 0.5) >= 0.95 > 1 - 2 * scipy_stats.binom.cdf(6, 20, 0.5)
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0, 6.0]) == (1.0, 6.0)   # n = 6: the range, coverage 96.9%
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None               # n = 5: the range covers 93.8% only
+    assert median_interval([1.0] * 10, confidence=0.5) == (1.0, 1.0)
+
+
 def test_a_grid_key_that_is_no_option_is_refused_before_anything(tmp_path):
     message = refused("study", "--preset", TINY, "--out", tmp_path / "s", "--grid", "num_avatar=1,2")
     assert "did you mean num_avatars?" in message and "valid keys: method, num_avatars, drop_rate" in message
