@@ -57,9 +57,23 @@ def timed(cmd, cwd=None, env=None) -> float:
     return time.perf_counter() - start
 
 
+def commit() -> str:
+    """The checkout's commit, and whether its files differ from it (figures of uncommitted code say so)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "akd_cli", "bench", "presets",
+                ":!bench/RESULTS.md").stdout.strip()
+    return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
+
+
 def section(title: str, command: str, body: str, note: str = "") -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = f"## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body}\n"
+    text = (f"## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nCommit: {commit()}  \n"
+            f"Date: {stamp}\n\n{body}\n")
     return text + (f"\n{note}\n" if note else "")
 
 
