@@ -13,7 +13,9 @@
 #                                                   # each base loss's own, PASS_LAYOUTS) side by side; the tests
 #                                                   # part then also checks each base's other layout against the loop
 #   TRAIN_KERNELS=loop,compiled:stacked,compiled:unrolled PARTS=train ...  # the step with both layouts
-#   TRAIN_AVATARS=1,8 ...                          # the step's AKD rows: these Avatar counts (default 1,4,8)
+#   TRAIN_AVATARS=1,8 ...                          # the step's AKD rows: these Avatar counts (default 1,4,8); the
+#                                                   # step also times a control (the base loss built twice: since
+#                                                   # b8c492e, one more configuration) and pairs changes by round
 #   CORE_ROOT=.old/a0632e4,.old/e8f4a9c CORE_BASES=cwd PARTS=core ...  # then the same core rows of other commits' akd_cli, in
 #                                                   # the same call (made here: mkdir -p .old/a0632e4 && git archive
 #                                                   # a0632e4 akd_cli | tar -x -C .old/a0632e4; .old/ is ignored:
