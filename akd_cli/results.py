@@ -201,7 +201,7 @@ def update_readme(path: Path, block: str, check: bool = False) -> bool:
         raise UserError(f"--readme {path} is a directory, not a file")
     # A missing README is made (the demo's work dir starts without one), but a missing directory is
     # far likelier a mistyped path than a wish for new directories.
-    if not path.exists() and not path.parent.is_dir():
+    if not path.exists() and not path.parent.exists():
         raise UserError(f"--readme {path}: no such file, and no directory {path.parent} to make it in")
     try:
         text = path.read_text() if path.exists() else ""
