@@ -180,7 +180,9 @@ def test_each_base_loss_takes_its_own_layout_in_every_pass(monkeypatch, base, un
 def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     """Per call, not per level: the passes' host work is what a GPU step waits on (bench/RESULTS.md).
     Two Avatars or more: one keys call; then each level's whole teacher side and its student side in
-    one call for the first level and one for the others; the paper's factor adds one statistics call."""
+    one call for the first level and one for the others; the paper's factor adds one statistics call.
+    The student is prepared under its factor in those calls where the base loss's preparation is
+    pure (CWD, PKD), outside where it draws random numbers (MGD) or goes the loop's way (one Avatar)."""
     import collections
 
     import akd_cli.core.akd as akd_module
@@ -196,20 +198,26 @@ def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     for name, function in list(fused.FUNCTIONS.items()):
         monkeypatch.setitem(fused.FUNCTIONS, name, counted(name, function))
     monkeypatch.setattr(akd_module, "draw_seed", counted("seed", counter_rng.draw_seed))
+    monkeypatch.setattr(fused, "student_under_factor", counted("student in the passes", fused.student_under_factor))
+    monkeypatch.setattr(akd_module, "student_under_factor", counted("student outside", akd_module.student_under_factor))
     shapes = SHAPES + [(2, 16, 3, 3)]
     students, teachers = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
     AKDLoss(base="cwd", num_avatars=3, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # the groups: the first level alone, the others together (AKDLoss._fused_losses says why)
     assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "cwd_group": 2, "terms": 3,
-                     "cwd": 3}
+                     "cwd": 3, "student in the passes": 3}
     calls.clear()
     AKDLoss(base="pkd", num_avatars=3, uncertainty="release", weighting="inverse_variance",
             avatar_kernel="fused")(students, teachers)
-    assert calls == {"seed": 1, "keys": 1, "mse_group": 2, "terms": 3, "mse": 3}
+    assert calls == {"seed": 1, "keys": 1, "mse_group": 2, "terms": 3, "mse": 3, "student in the passes": 3}
+    calls.clear()
+    AKDLoss(base="mgd", num_avatars=3, uncertainty="release", channels=16, num_levels=len(shapes),
+            avatar_kernel="fused")(students, teachers)
+    assert calls == {"seed": 1, "keys": 1, "mse_group": 2, "terms": 3, "mse": 3, "student outside": 3}
     calls.clear()
     AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
     # one Avatar: its sigma from the statistics pass, then drawn (and stored) per level for the loss
-    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "avatar": 3}
+    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "avatar": 3, "student outside": 3}
 
 
 @pytest.mark.parametrize("avatars", [1, 3])
@@ -306,12 +314,15 @@ def test_compiled_passes_store_no_avatar(name, layout):
         # the paper's scale (two levels in one call); the release's factor and the inverse-variance
         # weights, whose statistics come in the call
         extra = (1.0, 0.1) if base == "cwd" else ()
-        arguments = [(t, keys, torch.rand(1, c, 1, 1) + 0.5 if base == "cwd" else None, None, extra) for t in teachers]
+        scales = [torch.rand(1, c, 1, 1) + 0.5 if base == "cwd" else None for _ in teachers]
+        arguments = [(t, keys, scale, None, extra) for t, scale in zip(teachers, scales)]
         keywords = dict(drop=drop, standardised=base != "cwd", pearson=base != "cwd",
                         weighting="mean" if base == "cwd" else "inverse_variance", layout=layout)
+        # the student as AKDLoss hands it over: prepared in the call, under its factor
+        factor = "paper" if base == "cwd" else "release"
 
         def run(function):
-            losses = function(bases, [b.prepare_student(s) for b, s in zip(bases, students)], arguments, keywords,
+            losses = function(bases, [(s, scale, factor) for s, scale in zip(students, scales)], arguments, keywords,
                               [t.dtype for t in teachers])
             gradients = torch.autograd.grad(torch.stack(losses).sum(), students)
             return [loss.detach() for loss in losses] + list(gradients)

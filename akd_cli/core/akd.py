@@ -13,6 +13,7 @@ from akd_cli.core.counter_rng import Drop, draw_seed, keys_of
 from akd_cli.core.losses import build_base_losses
 from akd_cli.core.precision import float32_reductions
 from akd_cli.core.uncertainty import (AvatarWeigher, inverse_sigma, squared_difference_per_channel, standardise,
+                                      student_under_factor,
                                       update_running)
 from akd_cli.names import AVATAR_KERNELS, AVATAR_RNGS, AVATAR_WEIGHTINGS, BASE_LOSSES, PERTURBATIONS, UNCERTAINTY_MODES
 
@@ -277,7 +278,10 @@ class AKDLoss(nn.Module):
             base, student, teacher = self._base_for(level), students[level], teachers[level]
             student = base.align_student(student)
             scale = step.scale(level, student.dtype)
-            ready = base.prepare_student(self._student_under_factor(student, scale), **context)
+            if base.prepares_in_passes:  # in the group's call (fused.student_side): fewer host calls
+                ready = (student, scale, self.uncertainty)
+            else:
+                ready = base.prepare_student(self._student_under_factor(student, scale), **context)
             with torch.no_grad(), float32_reductions(teacher):
                 if base.teacher_pass == "cwd":
                     extra = (base.tau, base._scale(teacher))
@@ -301,11 +305,7 @@ class AKDLoss(nn.Module):
     def _student_under_factor(self, student: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """The student as the base loss takes it under the factor (``scale``: the paper's 1 / sigma,
         1 x C x 1 x 1, or None)."""
-        if scale is not None:
-            return student * scale
-        if self.uncertainty == "release":
-            return standardise(student)
-        return student
+        return student_under_factor(student, scale, self.uncertainty)
 
     def _as_seen(self, base, avatar: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """The Avatar as the base loss takes it under the factor."""

@@ -51,7 +51,7 @@ import torch
 from akd_cli.core import counter_rng
 from akd_cli.core.losses import BASE_LOSSES
 from akd_cli.core.precision import float32_reductions
-from akd_cli.core.uncertainty import RELEASE_BN_EPS, inverse_variance_weights, teacher_channel_spread
+from akd_cli.core.uncertainty import RELEASE_BN_EPS, inverse_variance_weights, student_under_factor, teacher_channel_spread
 
 _LOG2_E = 1.4426950408889634
 # Base losses with a fused teacher side here (their ``teacher_pass``); the others (FGD) keep the loop.
@@ -332,10 +332,15 @@ def statistics_levels(arguments: list, keywords: dict) -> list:
 
 
 def student_side(bases: list, prepared: list, terms: list, dtypes: list) -> list:
-    """Each level's loss from its student (as its base loss prepared it) and its Avatars' terms: the
-    base loss's own ``fused``, the loop path's code (the student's gradient flows through it)."""
+    """Each level's loss from its student and its Avatars' terms: the base loss's own ``fused``,
+    the loop path's code (the student's gradient flows through it). The student comes as its base
+    loss prepared it, or, where the base loss's preparation is pure (``prepares_in_passes``), as
+    (student, scale, factor) to be prepared here: in a compiled call, the release's standardisation
+    and CWD's log-softmax are then kernels of the group's graph, not host calls of their own."""
     losses = []
     for base, ready, (phi_bar, constant), dtype in zip(bases, prepared, terms, dtypes):
+        if base.prepares_in_passes:
+            ready = base.prepare_student(student_under_factor(*ready))
         if base.teacher_pass != "maskd":  # the dtype the loop's accumulator is cast back to
             phi_bar = phi_bar.to(dtype)
         losses.append(base.fused(ready, phi_bar, constant).sum())

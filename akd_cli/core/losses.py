@@ -44,6 +44,10 @@ class BaseLoss(nn.Module):
     # (None: the Avatars are looped), and whether it normalises the teacher itself (PKD).
     teacher_pass: Optional[str] = None
     normalises_teacher = False
+    # Whether the compiled passes may prepare the student inside their call, with its factor
+    # (akd_cli.core.fused.student_side): a preparation that draws no random numbers (a compiled
+    # draw is not eager's) and calls no module of its own.
+    prepares_in_passes = False
 
     def align_student(self, student: torch.Tensor) -> torch.Tensor:
         """The loss's own map of the student into the teacher's space (MasKD's align conv), applied
@@ -83,6 +87,7 @@ class CWDLoss(BaseLoss):
     fusable = True
     release_standardises_avatar = False  # Gumpest/AvatarKD:mmrazor/models/losses/akd_cwd.py uses the raw Avatar
     teacher_pass = "cwd"
+    prepares_in_passes = True
 
     def __init__(self, tau: float = 1.0, loss_weight: float = 10.0):
         super().__init__()
@@ -120,6 +125,7 @@ class MSELoss(BaseLoss):
 
     fusable = True
     teacher_pass = "mse"  # MGD and PKD too: their teacher side is MSE's
+    prepares_in_passes = True  # and PKD's; not MGD's (a random mask and the generation block)
 
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
@@ -188,6 +194,7 @@ class MGDLoss(MSELoss):
     """
 
     needs_channels = True
+    prepares_in_passes = False
 
     def __init__(self, channels: int, alpha_mgd: float = 2e-5, lambda_mgd: float = 0.65):
         super().__init__(loss_weight=alpha_mgd)

@@ -141,6 +141,16 @@ def standardise(x: torch.Tensor, eps: float = RELEASE_BN_EPS) -> torch.Tensor:
     return F.batch_norm(x, None, None, training=True, eps=eps)
 
 
+def student_under_factor(student: torch.Tensor, scale: Optional[torch.Tensor], uncertainty: str) -> torch.Tensor:
+    """The student as the base loss takes it under the factor: times the paper's 1 / sigma
+    (``scale``, 1 x C x 1 x 1), standardised for the release's, as it is without a factor."""
+    if scale is not None:
+        return student * scale
+    if uncertainty == "release":
+        return standardise(student)
+    return student
+
+
 def squared_difference_per_channel(avatar: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """sum over images and positions of (a - T)^2, per channel (C, float32, no gradient)."""
     with torch.no_grad():
