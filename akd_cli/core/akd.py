@@ -13,8 +13,7 @@ from akd_cli.core.counter_rng import Drop, draw_seed, keys_of
 from akd_cli.core.losses import build_base_losses
 from akd_cli.core.precision import float32_reductions
 from akd_cli.core.uncertainty import (AvatarWeigher, inverse_sigma, squared_difference_per_channel, standardise,
-                                      student_under_factor,
-                                      update_running)
+                                      student_under_factor, update_running)
 from akd_cli.names import AVATAR_KERNELS, AVATAR_RNGS, AVATAR_WEIGHTINGS, BASE_LOSSES, PERTURBATIONS, UNCERTAINTY_MODES
 
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
