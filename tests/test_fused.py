@@ -121,10 +121,10 @@ def test_seeds_come_from_torchs_generator():
 
 
 # ------------------------------------------------------------------------------ fused = loop
-# from two Avatars: one Avatar goes the loop's way (one compiled kernel draws it; COMPILED_CASES)
 CASES = list(itertools.product(fused.FUSED_BASES, ("paper", "release", "none"), ("mean", "inverse_variance"), (2, 3)))
-# one Avatar: drawn by one kernel, with the paper's sigma from the statistics pass
-CASES += [("cwd", "paper", "mean", 1), ("maskd", "paper", "inverse_variance", 1), ("mse", "release", "mean", 1)]
+# one Avatar through the passes too (a K of one: its weight 1, MSE's spread 0)
+CASES += [("cwd", "paper", "mean", 1), ("maskd", "paper", "inverse_variance", 1), ("mse", "release", "mean", 1),
+          ("maskd", "release", "mean", 1)]
 
 
 @pytest.mark.parametrize("base,uncertainty,weighting,avatars", CASES)
@@ -134,6 +134,7 @@ def test_fused_passes_equal_the_loop(base, uncertainty, weighting, avatars):
 
 
 COMPILED_CASES = [("cwd", "paper", "mean", 8), ("cwd", "none", "mean", 1), ("maskd", "paper", "mean", 1),
+                  ("mse", "release", "mean", 1),
                   ("mse", "release", "inverse_variance", 3),
                   ("maskd", "release", "mean", 2), ("pkd", "paper", "mean", 2), ("mgd", "release", "mean", 2)]
 
@@ -182,7 +183,7 @@ def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     Two Avatars or more: one keys call; then each level's whole teacher side and its student side in
     one call for the first level and one for the others; the paper's factor adds one statistics call.
     The student is prepared under its factor in those calls where the base loss's preparation is
-    pure (CWD, PKD), outside where it draws random numbers (MGD) or goes the loop's way (one Avatar)."""
+    pure (CWD, PKD, MSE), outside where it draws random numbers (MGD). One Avatar takes the same calls."""
     import collections
 
     import akd_cli.core.akd as akd_module
@@ -216,8 +217,8 @@ def test_one_seed_draw_and_few_calls_serve_all_levels(monkeypatch):
     assert calls == {"seed": 1, "keys": 1, "mse_group": 2, "terms": 3, "mse": 3, "student outside": 3}
     calls.clear()
     AKDLoss(base="mse", num_avatars=1, uncertainty="paper", avatar_kernel="fused")(students, teachers)
-    # one Avatar: its sigma from the statistics pass, then drawn (and stored) per level for the loss
-    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "avatar": 3, "student outside": 3}
+    assert calls == {"seed": 1, "keys": 1, "statistics_levels": 1, "statistics": 3, "mse_group": 2, "terms": 3,
+                     "mse": 3, "student in the passes": 3}
 
 
 @pytest.mark.parametrize("avatars", [1, 3])

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from akd_cli.core import fused as fused_passes
 from akd_cli.core.avatars import make_avatar
-from akd_cli.core.counter_rng import Drop, draw_seed, keys_of
+from akd_cli.core.counter_rng import Drop, draw_seed
 from akd_cli.core.losses import build_base_losses
 from akd_cli.core.precision import float32_reductions
 from akd_cli.core.uncertainty import (AvatarWeigher, inverse_sigma, squared_difference_per_channel, standardise,
@@ -130,7 +130,7 @@ class AKDLoss(nn.Module):
             losses = [self._base_for(i)(s, t, **context) for i, (s, t) in enumerate(zip(students, teachers))]
         else:
             step = self._prepare_step(teachers, finite)
-            if step.keys is not None and self.num_avatars > 1:  # the passes (two Avatars or more)
+            if step.keys is not None:  # the passes (any Avatar count)
                 losses = self._fused_losses(students, teachers, step, **context)
             else:
                 losses = [self._level_loss(i, s, t, step, **context)
@@ -152,8 +152,8 @@ class AKDLoss(nn.Module):
     def _prepare_step(self, teachers: List[torch.Tensor], finite: torch.Tensor) -> "_Step":
         """What this call's levels share, for all levels at once: one seed draw and one keys call for
         the counter-based generator (not one per level), and the paper's 1 / sigma of every level
-        from one all-reduce, its sums from one statistics call. With two Avatars or more through the
-        passes, each level's other statistics come in its terms call (``_fused_losses``), the
+        from one all-reduce, its sums from one statistics call. Through the passes, each level's
+        other statistics come in its terms call (``_fused_losses``), the
         paper's in its statistics call."""
         k, device = self.num_avatars, teachers[0].device
         step = _Step(len(teachers), device)
@@ -168,9 +168,8 @@ class AKDLoss(nn.Module):
                     step.seeds[:, None], fused_passes.avatar_indices(k, device)[None])
                 step.keys = list(zip(seed_key.unbind(0), key.unbind(0), mult.unbind(0)))
                 if self.uncertainty == "paper":
-                    # every statistic the passes need, with the sigma's sum, in one call for all
-                    # levels (one Avatar: the sum alone, the Avatar unstored, not drawn once more)
-                    step.stats = self._statistics(teachers, step, sigma_only=k == 1)
+                    # every statistic the passes need, with the sigma's sum, in one call for all levels
+                    step.stats = self._statistics(teachers, step)
         if self.uncertainty == "paper":
             if step.stats is not None:
                 totals = [stats["sigma_sum"] for stats in step.stats]
@@ -226,26 +225,18 @@ class AKDLoss(nn.Module):
         """Avatar ``index`` of a level in this call: from torch's generator (each call draws the next
         one), or from the counter-based stream of the level's seed.
 
-        With a compiled kernel this serves one Avatar only (the passes take two or more): the
-        passes' statistics, affines and K-reduction would cost more than they save, so the Avatar
-        is drawn by one compiled kernel, stored (as the loop's one Avatar is), and the level goes
-        the loop's way. On an H100 the passes made one Avatar cost +14% of a training step against
-        the loop's +2.4% (fcos-r101-r50, bench/RESULTS.md)."""
-        if step.keys is not None:
-            return fused_passes.function("avatar", self.avatar_kernel == "compiled")(
-                teacher, keys_of(step.keys[level], index), Drop.of(self.drop_rate))
+        The loop's alone: the passes (``avatar_kernel`` compiled or fused) regenerate their
+        Avatars inside their calls, one Avatar as well as several."""
         seed = step.seeds[level] if step.seeds is not None else None
         return make_avatar(teacher, self.perturbation, self.drop_rate, seed=seed, index=index)
 
-    def _statistics(self, teachers: List[torch.Tensor], step: "_Step", sigma_only: bool = False) -> List[dict]:
+    def _statistics(self, teachers: List[torch.Tensor], step: "_Step") -> List[dict]:
         """The paper factor's statistics pass, over all levels in one call, before its all-reduce:
         the sum for sigma, and the other statistics of the raw Avatars the options need, for the
-        terms calls (``sigma_only``: the sum alone)."""
+        terms calls."""
         base = self._base_for(0)  # one base loss class for all levels: the same statistics
         # the paper's factor standardises nothing (the release's does)
         wanted = fused_passes.wanted_statistics(True, False, base.normalises_teacher, self.weighting)
-        if sigma_only:
-            wanted.update(per_avatar_channel=False, per_image_channel=False)
         with torch.no_grad(), float32_reductions(teachers[0]):
             return fused_passes.levels("statistics", self.avatar_kernel == "compiled")(
                 [(teacher, keys, Drop.of(self.drop_rate)) for teacher, keys in zip(teachers, step.keys)],

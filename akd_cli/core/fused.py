@@ -32,12 +32,15 @@ for the first level, then for the others (``AKDLoss._fused_losses`` says why two
 one call forward and one backward. The paper's factor adds one after the keys: its statistics, all
 levels at once, which its all-reduce and running estimate need before any Avatar is normalised.
 Each compiled call, and each eager call around them, costs host time, and on a GPU the loss is
-bound by the host, not by bandwidth. What stays eager is each level's student preparation (the
-factor's batch norm or scale, the base loss's ``prepare_student``: MGD's random mask and
-generation, MasKD's call count), and the finiteness check.
+bound by the host, not by bandwidth. What stays eager: the student's preparation where it draws
+random numbers or reads the prepared student before the teacher terms (MGD's mask and generation,
+MasKD's token masks; CWD, MSE and PKD prepare theirs in the group's call, ``student_side``), and
+the finiteness check.
 
-These passes serve two Avatars or more. One Avatar goes the loop's way (AKDLoss._avatar): it is
-drawn by ``one_avatar`` compiled, then stored, as the loop stores its one Avatar.
+These passes serve any number of Avatars, one included. With one, they had made a training step
+slower than the loop when each level took three compiled calls (an H100, +14% against +2.4%,
+bench/RESULTS.md); with the group calls they make a third of the loop's host calls and are faster
+on the CPU (bench/RESULTS.md, "One Avatar through the passes").
 
 Run eagerly (``avatar_kernel="fused"``) the same functions materialise all K Avatars: that mode
 exists to check the compiled one against, not to be used.
@@ -83,12 +86,6 @@ def avatar_indices(num_avatars: int, device: torch.device) -> torch.Tensor:
     if key not in _indices:
         _indices[key] = torch.arange(num_avatars, device=device, dtype=torch.int64)
     return _indices[key]
-
-
-def one_avatar(teacher: torch.Tensor, keys, drop: counter_rng.Drop) -> torch.Tensor:
-    """The Avatar of one key (``keys`` of one Avatar), in the teacher's dtype: the operations of
-    ``make_avatar``'s counter branch, so the loop's reference draws the same values."""
-    return counter_rng.dropout(teacher, counter_rng.keep_mask(teacher.shape, keys, drop)[0], drop)
 
 
 # How a pass holds the K Avatars (not a user option: both give the same values; bench/core_losses.py
@@ -372,7 +369,7 @@ def maskd_group(bases: list, prepared: list, arguments: list, keywords: dict, dt
     return group_losses(bases, prepared, arguments, keywords, dtypes, "maskd")
 
 
-FUNCTIONS = {"keys": counter_rng.avatar_keys, "avatar": one_avatar, "statistics": statistics,
+FUNCTIONS = {"keys": counter_rng.avatar_keys, "statistics": statistics,
              "terms": teacher_terms, "cwd": cwd_terms, "mse": mse_terms, "maskd": maskd_terms,
              "statistics_levels": statistics_levels, "cwd_group": cwd_group, "mse_group": mse_group,
              "maskd_group": maskd_group}
