@@ -58,13 +58,6 @@ def avatar_keys(seed: torch.Tensor, indices: torch.Tensor):
     return seed_key, key, (mix32(key ^ 0x5BD1E995) & 0x7FFFFFFF) | 1
 
 
-def keys_of(keys, index: int):
-    """Avatar ``index``'s keys alone, out of ``avatar_keys``' for several: the seed's key (shared by
-    every Avatar of a level), then one-element slices of the per-Avatar keys and multipliers."""
-    seed_key, key, mult = keys
-    return seed_key, key[index:index + 1], mult[index:index + 1]
-
-
 def threshold(drop_rate: float) -> int:
     return int(round(float(drop_rate) * (1 << 24)))
 
