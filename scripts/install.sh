@@ -12,6 +12,7 @@
 #   (CUDA ops when torch is a CUDA build and a matching nvcc is present); the built wheel is kept in
 #   ~/.cache/akd/wheels under a name that says which torch and ops it was built for, so a second
 #   environment on the same machine does not pay the ~17 minute build again;
+# - beside a CPU torch, triton (the test of the GPU's kernels in Triton's interpreter needs it);
 # - mmdet 2.28.2, pycocotools, typer, rich, then akd itself in editable mode.
 set -euo pipefail
 
@@ -24,6 +25,9 @@ MMDET_VERSION="2.28.2"
 # torchvision whose wheel imports against a CPU-only torch 2.x (its compiled ops do not load, and
 # mmcv/mmdet bring their own); the registry's torchvision builds for torch>=2.x need libtorch_cuda.
 CPU_TORCHVISION_FALLBACK="0.16.2"
+# Triton for a CPU torch, whose wheel lacks it (a CUDA torch brings its own): tests/test_triton_interpret.py
+# runs the GPU's compiled kernels in Triton's interpreter. 3.8.0 and 3.9.0 both work with torch 2.13.0.
+TRITON_VERSION="${AKD_TRITON_VERSION:-3.8.0}"
 
 # Colour only on a terminal (and never with NO_COLOR): a redirected log gets plain text.
 if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then BLUE='\033[1;34m'; OFF='\033[0m'; else BLUE=''; OFF=''; fi
@@ -87,6 +91,13 @@ if ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
     "${PIP[@]}" numpy pillow requests
   fi
   "$PY" -c "import torchvision" 2>/dev/null || die "torchvision does not import; install one matching your torch and rerun"
+fi
+
+if [[ -z "$TORCH_CUDA" ]] && ! "$PY" -c "import triton" >/dev/null 2>&1; then
+  # Optional: without it that one test is skipped (and says so), nothing else changes.
+  say "CPU torch: installing triton==$TRITON_VERSION for the tests that interpret the GPU's kernels"
+  "${PIP[@]}" -q --no-deps "triton==$TRITON_VERSION" \
+    || say "triton==$TRITON_VERSION did not install: tests/test_triton_interpret.py will be skipped"
 fi
 
 if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" >/dev/null 2>&1; then

@@ -9,6 +9,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TINY = "tiny-fcos-r34-r18"
 
+if os.environ.get("AKD_TRITON_INTERPRET") == "1":  # a child of tests/test_triton_interpret.py
+    import triton_interpret
+
+    triton_interpret.enable()
+
 
 def run_akd(*args, cwd=None, timeout=600, env=None, check=True):
     """`akd ARGS` in a subprocess; returns the CompletedProcess (stdout and stderr as text).
