@@ -7,7 +7,13 @@ CPU, inductor puts a graph's loops in one C++ function, so they cost no launches
 count is a proxy for the GPU's launches (inductor's GPU code launches about one kernel per fused
 node, where its CPU code writes one loop nest, or merges a few under one outer loop).
 
-    python bench/graph_loops.py [--device cpu|cuda] [--root TREE] mse/release/8 cwd/paper/8 ...
+    python bench/graph_loops.py [--device cpu|cuda|triton] [--root TREE] mse/release/8 cwd/paper/8 ...
+
+``--device triton``: no GPU, but the GPU's code form. Inductor writes Triton kernels for CPU tensors
+and Triton's interpreter runs them (tests/triton_interpret.py, as tests/test_triton_interpret.py
+uses it; needs the triton package); launches are counted as on a GPU. Inductor's GPU heuristics
+that read the device (a reduction split across a GPU's many multiprocessors) may launch more on a
+GPU at real sizes; on these tiny maps they do not split.
 
 ``--root`` imports akd_cli from another checkout (``git archive REV akd_cli | tar -x -C TREE``):
 two commits' counts side by side. Compiles each configuration (minutes on the CPU for MasKD).
@@ -21,10 +27,10 @@ import sys
 
 def units(code: str, device: str) -> int:
     """Loop nests (CPU: each top-level ``#pragma omp for/single`` of the kernel sources) or Triton
-    kernel launches (GPU: each ``.run(`` of the graph's wrapper; external kernels, such as MasKD's
-    matrix products, not counted). The GPU form is written from inductor's wrapper code and not yet
-    run on a GPU: the session that wrote it had none."""
-    if device == "cpu":
+    kernel launches (GPU, or ``--device triton``: each ``.run(`` of the graph's wrapper; external
+    kernels, such as MasKD's matrix products, not counted). The GPU form has been run on Triton code
+    under the interpreter (2026-11-27), not yet on a GPU."""
+    if device == "cpu" and "@triton.jit" not in code:
         return len(re.findall(r"^ {8,12}#pragma omp (?:for|single)", code, re.M))
     return len(re.findall(r"\.run\(", code))
 
@@ -49,6 +55,13 @@ def main(argv=None) -> int:
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     sys.path.insert(0, os.path.abspath(args.root))
     what = "loops" if args.device == "cpu" else "kernel launches"
+    if args.device == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the generated kernels are loaded
+        sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        import triton_interpret
+
+        triton_interpret.enable()  # after the path: it patches that checkout's akd_cli
+        args.device = "cpu"
     print(f"| base, factor, Avatars | {what} per compiled graph, in compilation order | total |")
     print("|---|---|---|")
     for configuration in args.configurations:
