@@ -4,7 +4,8 @@ The loop with the counter-based generator (avatar_rng="counter") draws the very 
 passes draw, so the two must agree to float32 rounding: values, gradients and the running sigma,
 over several steps, for every fusable base loss, factor and weighting. The compiled passes run
 here through inductor's C++ backend (on a GPU the same graphs become Triton kernels; test_cuda.py
-checks them there). Pure torch: no mmcv needed.
+checks them there, and test_triton_interpret.py reruns the compiled cases here as Triton kernels in
+Triton's interpreter). Pure torch: no mmcv needed.
 """
 import itertools
 import math

@@ -5,11 +5,12 @@ the C++ and test_cuda.py the Triton code, which needs a GPU. This module lets a 
 run the Triton code: inductor generates Triton for CPU tensors (``cpu_backend="triton"``), and
 Triton's interpreter executes each kernel with numpy, program by program. What it checks is what
 the GPU's kernels compute (the int32 wrapping hash, the casts, the reductions as Triton writes them)
-and which buffers the generated code allocates; not their speed. tests/test_triton_interpret.py runs test_fused.py's compiled cases
-so, in a child process: ``enable()`` must run before anything is compiled, and TRITON_INTERPRET=1
-must be set before triton is imported.
+and which buffers the generated code allocates; not their speed.
 
-Each patch below says why it is needed. None touches akd_cli's code, only what it is run on.
+tests/test_triton_interpret.py runs test_fused.py's compiled cases so, in a child process:
+``enable()`` must run before anything is compiled, and TRITON_INTERPRET=1 must be set before triton
+is imported. Each patch below says why it is needed. Only one touches akd_cli: the hash takes the
+GPU's width (counter_rng.hash_bits); the others patch inductor and the interpreter.
 """
 import math
 
