@@ -66,10 +66,10 @@ def enable():
     triton_helpers.libdevice = Libdevice()
 
     # The interpreter reduces with a combine function of inductor's own (max2, welford) one element
-    # at a time in Python: minutes per test. A tree of whole-block combines gives the same result
-    # (tl.reduce's combine functions are associative and commutative: a GPU's warps combine in a
-    # tree too) in log2(n) interpreted calls.
-    # (Triton 3.6 to 3.9 have this method; another one keeps its own, slower, reduction.)
+    # at a time in Python: minutes per test. A tree of whole-block combines gives the same result,
+    # up to the order of floating-point rounding (tl.reduce's combine functions are associative and
+    # commutative: a GPU's warps combine in a tree too), in log2(n) interpreted calls. (Triton 3.6's
+    # to 3.9's interpreters have this method; another keeps its own, slower, reduction.)
     original = getattr(getattr(interpreter, "ReduceOps", None), "generic_reduce", None)
     if original is not None:
         interpreter.ReduceOps.generic_reduce = lambda self, input: _tree_reduce(self, input, original, tl)
