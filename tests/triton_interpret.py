@@ -49,8 +49,8 @@ def enable():
     driver.set_active(InterpreterDriver())
 
     # Inductor's kernels call CUDA's libdevice for exp, rsqrt, isnan...; the interpreter has no
-    # libdevice (its stubs return None) but interprets tl.math's functions of the same names, and
-    # tl.math has no isnan or isinf: each written with comparisons, which it interprets.
+    # libdevice (its stubs return None) but interprets tl.math's functions of the same names. tl.math
+    # has no isnan or isinf (written here as comparisons) and no pow (numpy's, on the blocks' data).
     class Libdevice:
         def __getattr__(self, name):
             return getattr(tl.math, name)
@@ -62,6 +62,13 @@ def enable():
         @staticmethod
         def isinf(x):
             return (x == float("inf")) | (x == float("-inf"))
+
+        @staticmethod
+        def pow(x, y):  # numpy's power on the blocks' data, in x's dtype
+            x, y = (v if isinstance(v, tl.tensor) else tl.full([], v, tl.float32) for v in (x, y))
+            x, y = tl.broadcast(x, y)
+            data = np.power(x.handle.data, y.handle.data).astype(x.handle.data.dtype)
+            return tl.tensor(interpreter.TensorHandle(data, x.dtype.scalar), x.type)
 
     triton_helpers.libdevice = Libdevice()
 
