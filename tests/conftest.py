@@ -15,13 +15,19 @@ if os.environ.get("AKD_TRITON_INTERPRET") == "1":  # a child of tests/test_trito
     triton_interpret.enable()
 
 
+def child_env(**extra) -> dict:
+    """The environment for a child process: os.environ without COLUMNS and LINES (readline, which
+    pytest loads, exports COLUMNS=80 behind os.environ's back, and the child would take it for a
+    user's setting), unbuffered, with ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
 def run_akd(*args, cwd=None, timeout=600, env=None, check=True):
-    """`akd ARGS` in a subprocess; returns the CompletedProcess (stdout and stderr as text).
-    The environment is passed explicitly: readline, which pytest loads, exports COLUMNS=80 behind
-    os.environ's back, and the child would take it for a user's setting."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
-    result = subprocess.run([sys.executable, "-m", "akd_cli.cli", *map(str, args)], cwd=cwd, env=full_env,
+    """`akd ARGS` in a subprocess (environment: ``child_env``); returns the CompletedProcess
+    (stdout and stderr as text)."""
+    result = subprocess.run([sys.executable, "-m", "akd_cli.cli", *map(str, args)], cwd=cwd, env=child_env(**(env or {})),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"akd {' '.join(map(str, args))} exited {result.returncode}:\n"

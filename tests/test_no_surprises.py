@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, refused, run_akd
+from conftest import REPO, TINY, child_env, refused, run_akd
 
 
 def _prepare(**kwargs):
@@ -184,11 +184,10 @@ def test_runs_in_one_process_log_into_their_own_directories(synth_root, tmp_path
 
 
 def test_ctrl_c_ends_the_run_with_its_message(synth_root, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     process = subprocess.Popen(
         [sys.executable, "-m", "akd_cli.cli", "train", "--preset", TINY, "--train-teacher", "--data-root", synth_root,
          "--work-dir", tmp_path / "run", "--epochs", "50", "--batch-size", "2", "--no-validate"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(env, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
         start_new_session=True, cwd=tmp_path)
     for line in process.stdout:  # a terminal's Ctrl-C: SIGINT to the foreground group, once training runs
         if "train epoch" in line:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import TINY, refused, run_akd
+from conftest import TINY, child_env, refused, run_akd
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -114,9 +114,8 @@ def test_a_killed_study_continues_and_skips_finished_runs(synth_root, teacher_ch
     args = ["study", "--preset", TINY, "--out", out, "--data-root", synth_root, "--teacher-checkpoint",
             teacher_checkpoint, "--variant", "kd:num_avatars=0", "--variant", "akd:num_avatars=1", "--seeds", 1,
             "--epochs", 1, "--batch-size", 8]
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     process = subprocess.Popen([sys.executable, "-m", "akd_cli.cli", *map(str, args)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=tmp_path)
+                               stderr=subprocess.DEVNULL, env=child_env(), start_new_session=True, cwd=tmp_path)
     first = out / "runs" / "kd" / "seed0" / "metrics.json"
     deadline = time.time() + 300  # bounds the wait; nothing is asserted about time
     while not first.exists() and process.poll() is None and time.time() < deadline:

@@ -8,7 +8,6 @@ Needs the triton package: a CUDA build of torch brings it, scripts/install.sh in
 CPU torch. Without it the test is skipped, saying so.
 """
 import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import sys
 import pytest
 from torch._inductor import config as inductor_config
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 # What the child runs: test_fused.py's compiled cases, each pass in the layout the base loss takes
 # (fused.PASS_LAYOUTS), within minutes (the interpreter runs each kernel program by program). Left
@@ -36,9 +35,7 @@ MULTIPLIER_INT32 = str(0x846CA68B - (1 << 32))   # lowbias32's second multiplier
 @pytest.mark.skipif(not hasattr(inductor_config, "cpu_backend"), reason="this torch's inductor writes no Triton for the CPU")
 def test_compiled_passes_as_triton_kernels_equal_the_loop(tmp_path):
     cache = tmp_path / "inductor"
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    env.update(AKD_TRITON_INTERPRET="1", TRITON_INTERPRET="1", TORCHINDUCTOR_CACHE_DIR=str(cache),
-               PYTHONUNBUFFERED="1")
+    env = child_env(AKD_TRITON_INTERPRET="1", TRITON_INTERPRET="1", TORCHINDUCTOR_CACHE_DIR=str(cache))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
                              "-W", "ignore::UserWarning", *[f"tests/test_fused.py::{case}" for case in CASES]],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
