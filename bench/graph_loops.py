@@ -35,14 +35,22 @@ def units(code: str) -> int:
     return len(re.findall(r"\.run\(", code))
 
 
+def role(code: str) -> str:
+    """The graph's part of the call, from the AOT ID inductor writes at the top of its code
+    (``# AOT ID: ['3_forward']``): f(orward), b(ackward), i(nference: no gradient), ? (no ID)."""
+    found = re.search(r"^# AOT ID: \['\d+_(\w+)'\]", code, re.M)
+    return found.group(1)[0] if found else "?"
+
+
 def count(base: str, factor: str, avatars: int, device: str) -> list:
+    """(units, role) per compiled graph of one loss call, in compilation order."""
     from torch._inductor.utils import run_and_get_code
 
     from host_calls import tiny_loss
 
     loss_fn, students, teachers = tiny_loss(base, factor, "compiled", avatars, device)
     _, codes = run_and_get_code(lambda: loss_fn(students, teachers).backward())
-    return [units(code) for code in codes]
+    return [(units(code), role(code)) for code in codes]
 
 
 def main(argv=None) -> int:
@@ -62,12 +70,14 @@ def main(argv=None) -> int:
 
         triton_interpret.enable()  # after the path: it patches that checkout's akd_cli
         args.device = "cpu"  # the tensors' device; the code is Triton's all the same
-    print(f"| base, factor, Avatars | {what} per compiled graph, in compilation order | total |")
+    print(f"| base, factor, Avatars | {what} per compiled graph, in compilation order "
+          "(f forward, b backward, i no gradient) | total |")
     print("|---|---|---|")
     for configuration in args.configurations:
         base, factor, avatars = configuration.split("/")
         per_graph = count(base, factor, int(avatars), args.device)
-        print(f"| {base}, {factor}, {avatars} | {' '.join(map(str, per_graph))} | {sum(per_graph)} |", flush=True)
+        listed = " ".join(f"{n}{r}" for n, r in per_graph)
+        print(f"| {base}, {factor}, {avatars} | {listed} | {sum(n for n, _ in per_graph)} |", flush=True)
     return 0
 
 

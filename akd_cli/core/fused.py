@@ -237,28 +237,37 @@ def mse_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, *, layout
 def maskd_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, tokens,
                 student_masks: Optional[torch.Tensor], *, layout: str):
     """MasKD's accumulator (N x (C+1) x H x W: sum_k g b_k a_k, then sum_k g b_k) and constant
-    (N, float64: sum_k g sum_hw b_k |a_k|^2), b_k = sum_t w_t m_t^2 / (c sum_hw m_t)."""
+    (N, float64: sum_k g sum_hw b_k |a_k|^2), b_k = sum_t w_t m_t^2 / (c sum_hw m_t).
+
+    What reads the Avatars' elements is done per group (unrolled: one expression per Avatar, over
+    one read of the teacher); what comes after, on small or stored tensors (the token weights, the
+    masks' sums, the position weights), on all K Avatars' results at once: compiled, each of those
+    steps per group was a kernel launch per Avatar on a GPU."""
     token = tokens.mask_token.float()                                                          # T x C
     g = _normalised_weights(weights)
     groups = [(_seen(raw, rows, affines), rows) for raw, rows in _spans(avatar_groups(teacher, keys, drop, layout))]
+    k, (n, c, h, w) = keys[1].shape[0], teacher.shape
+    # The window sums' sums over rows per group, in one read of the teacher for all; their edge rows,
+    # a sliver of each map, as one K-stacked expression (per group, a cat of K copies).
+    stacked = _seen(avatar_groups(teacher, keys, drop, "stacked")[0], slice(None), affines)
+    windows = tokens.windows_of_sums(torch.cat([a.sum(dim=3) for a, _ in groups]).flatten(0, 1),
+                                     stacked[..., 0, :].flatten(0, 1), stacked[..., -1, :].flatten(0, 1))
     # The token weights of every group in one call of the head's products: per group, they would be
     # two external kernels (a matrix product and a convolution) per group and level in the graph.
-    k, (n, c, h, w) = keys[1].shape[0], teacher.shape
-    windows = [tokens.windows(a.flatten(0, 1)) for a, _ in groups]
-    token_weights = tokens.weights_of_windows(torch.cat(windows), h * w).float().view(k, n, -1)  # K x N x T
-    weighted, shares, constants = [], [], []
-    for a, rows in groups:
-        # A broadcast sum, not an einsum: a matrix product would make inductor store the Avatars.
-        masks = torch.sigmoid((a.unsqueeze(2) * token[None, None, :, :, None, None]).sum(dim=3))  # G x N x T x H x W
-        if student_masks is not None:
-            masks = masks * student_masks.unsqueeze(0)
-        per_token = token_weights[rows] / (c * masks.sum(dim=(3, 4)))
-        position = (masks.pow(2) * per_token[..., None, None]).sum(dim=2, keepdim=True)        # G x N x 1 x H x W
-        share = position * _weight(g, rows, k, 3)
-        weighted.append((a * share).sum(dim=0))
-        shares.append(share.sum(dim=0))
-        constants.append(((a.pow(2) * position).sum(dim=(2, 3, 4)) * _weight(g, rows, k, 0)).sum(dim=0))
-    return torch.cat([_total(weighted), _total(shares)], dim=1), _total(constants).double()
+    token_weights = tokens.weights_of_windows(windows, h * w).float().view(k, n, -1)           # K x N x T
+    # A broadcast sum, not an einsum: a matrix product would make inductor store the Avatars.
+    masks = torch.cat([torch.sigmoid((a.unsqueeze(2) * token[None, None, :, :, None, None]).sum(dim=3))
+                       for a, _ in groups])                                                    # K x N x T x H x W
+    if student_masks is not None:
+        masks = masks * student_masks.unsqueeze(0)
+    per_token = token_weights / (c * masks.sum(dim=(3, 4)))
+    position = (masks.pow(2) * per_token[..., None, None]).sum(dim=2, keepdim=True)            # K x N x 1 x H x W
+    share = position * _weight(g, slice(None), k, 3)
+    weighted = _total((a * share[rows]).sum(dim=0) for a, rows in groups)
+    # The constant's K terms summed before the reduction over each image: one reduction, where one
+    # per group left the second stage of each split reduction a launch of its own.
+    constants = _total((a.pow(2) * share[rows]).sum(dim=0) for a, rows in groups).sum(dim=(1, 2, 3))
+    return torch.cat([weighted, share.sum(dim=0)], dim=1), constants.double()
 
 
 def wanted_statistics(sigma: bool, standardised: bool, pearson: bool, weighting: str) -> Dict[str, bool]:

@@ -57,6 +57,11 @@ class ReceptiveTokens(nn.Module):
         the tokens are weighted uniformly."""
         return window_sums(x) if self.prob is not None else x.new_zeros(x.shape[0], 0)
 
+    def windows_of_sums(self, rows: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """``windows`` of maps given by their sums over rows and their first and last rows (each
+        M x C x W; ``windows_of_sums``)."""
+        return windows_of_sums(rows, first, last) if self.prob is not None else rows.new_zeros(rows.shape[0], 0)
+
     def weights_of_windows(self, windows: torch.Tensor, positions: int) -> torch.Tensor:
         """The token weights (M x T) of M maps of ``positions`` positions each, from their 3x3 windows'
         sums (``window_sums``, M x C x 3 x 3): apart from ``weights``, so that several groups of maps
@@ -80,8 +85,17 @@ def window_sums(x: torch.Tensor) -> torch.Tensor:
     padding), so all nine come from one pass over x."""
     with float32_reductions(x):
         x = x.float()                                                              # FPN sums exceed float16
-        rows = x.sum(dim=-2)                                                       # N x C x W
-        rows = torch.stack([rows - x[..., -1, :], rows, rows - x[..., 0, :]], dim=2)  # tap rows 0, 1, 2
+        return windows_of_sums(x.sum(dim=-2), x[..., 0, :], x[..., -1, :])
+
+
+def windows_of_sums(rows: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``window_sums`` from a map's sums over rows (N x C x W), its first and its last row: what
+    reads the map's elements apart from the rest. The fused Avatar passes take those per Avatar, in
+    one pass over the teacher for all, and the rest for all Avatars at once (per Avatar, each step of
+    the rest was a kernel launch of its own on a GPU)."""
+    with float32_reductions(rows):
+        rows, first, last = rows.float(), first.float(), last.float()
+        rows = torch.stack([rows - last, rows, rows - first], dim=2)                # tap rows 0, 1, 2
         columns = rows.sum(dim=-1)
         return torch.stack([columns - rows[..., -1], columns, columns - rows[..., 0]], dim=3)
 
