@@ -13,7 +13,9 @@ node, where its CPU code writes one loop nest, or merges a few under one outer l
 and Triton's interpreter runs them (tests/triton_interpret.py, as tests/test_triton_interpret.py
 uses it; needs the triton package); launches are counted as on a GPU. Inductor's GPU heuristics
 that read the device (a reduction split across a GPU's many multiprocessors) may launch more on a
-GPU at real sizes; on these tiny maps they do not split.
+GPU at real sizes; on these tiny maps they do not split. Inductor lowers a cat by the tensors'
+device: for CPU tensors each input is copied into its slice (a launch each where the input is not
+computed in place), where a GPU may write a cat of up to 8 pointwise inputs in one kernel.
 
 ``--root`` imports akd_cli from another checkout (``git archive REV akd_cli | tar -x -C TREE``):
 two commits' counts side by side. Compiles each configuration (minutes on the CPU for MasKD).

@@ -92,12 +92,21 @@ def windows_of_sums(rows: torch.Tensor, first: torch.Tensor, last: torch.Tensor)
     """``window_sums`` from a map's sums over rows (N x C x W), its first and its last row: what
     reads the map's elements apart from the rest. The fused Avatar passes take those per Avatar, in
     one pass over the teacher for all, and the rest for all Avatars at once (per Avatar, each step of
-    the rest was a kernel launch of its own on a GPU)."""
+    the rest was a kernel launch of its own on a GPU).
+
+    A tap row (what one row of taps reads, summed over rows) is the sums over rows less the last, no
+    or the first row; a window, a tap row's sum less its last, no or first column. Taken apart, so
+    that no tap row is stored: for K Avatars at once they were K x N x C x 3 x W, a quarter of an FPN
+    level's map with 8 Avatars, where each Avatar's in turn had taken a thirty-second."""
     with float32_reductions(rows):
         rows, first, last = rows.float(), first.float(), last.float()
-        rows = torch.stack([rows - last, rows, rows - first], dim=2)                # tap rows 0, 1, 2
-        columns = rows.sum(dim=-1)
-        return torch.stack([columns - rows[..., -1], columns, columns - rows[..., 0]], dim=3)
+
+        def tap_rows(index) -> torch.Tensor:  # N x C x 3: the three tap rows at a column (or their sums)
+            at = (lambda x: x[..., index]) if index is not None else (lambda x: x.sum(dim=-1))
+            return torch.stack([at(rows) - at(last), at(rows), at(rows) - at(first)], dim=2)
+
+        sums = tap_rows(None)
+        return torch.stack([sums - tap_rows(-1), sums, sums - tap_rows(0)], dim=3)
 
 
 def mean_of_conv3x3(conv: nn.Conv2d, windows: torch.Tensor, positions: int) -> torch.Tensor:
