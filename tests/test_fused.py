@@ -355,18 +355,15 @@ def test_compiled_passes_store_no_avatar(name, layout):
     assert max(sizes) <= 1.6 * one_map, sorted(sizes)[-3:]
 
 
-@pytest.mark.parametrize("layout", fused.LAYOUTS)
-def test_maskds_token_weights_are_one_head_call_for_all_avatars(layout):
-    """MasKD's token weights end in the head's products (a matrix product and a convolution), which
-    inductor leaves to external kernels: one call each per level for all K Avatars, also unrolled,
-    where each Avatar is its own group (per group, they were 2 K calls: host time on a GPU)."""
+def _maskd_terms_code(k: int, layout: str) -> list:
+    """The generated code of MasKD's pass over K Avatars of a small map, compiled for its sizes, once
+    its values are checked against the eager pass's."""
     from torch._inductor.utils import run_and_get_code
 
-    n, c, h, w, k = 2, 16, 12, 10, 4
+    n, c, h, w = 2, 16, 12, 10
     torch.manual_seed(0)
-    teacher = torch.randn(n, c, h, w)
     keys = counter_rng.avatar_keys(torch.tensor(5), torch.arange(k))
-    arguments = (teacher, keys, counter_rng.Drop.of(0.1), [("mul", None, torch.rand(k, c) + 0.5)],
+    arguments = (torch.randn(n, c, h, w), keys, counter_rng.Drop.of(0.1), [("mul", None, torch.rand(k, c) + 0.5)],
                  torch.rand(k, n) + 0.5, ReceptiveTokens(c, 6), None)
     compiled = torch.compile(fused.FUNCTIONS["maskd"], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
     with torch.no_grad():
@@ -374,7 +371,15 @@ def test_maskds_token_weights_are_one_head_call_for_all_avatars(layout):
         expected = fused.FUNCTIONS["maskd"](*arguments, layout=layout)
     for a, b in zip(result, expected):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    calls = [call for code in codes for call in re.findall(r"extern_kernels\.\w+", code)]
+    return codes
+
+
+@pytest.mark.parametrize("layout", fused.LAYOUTS)
+def test_maskds_token_weights_are_one_head_call_for_all_avatars(layout):
+    """MasKD's token weights end in the head's products (a matrix product and a convolution), which
+    inductor leaves to external kernels: one call each per level for all K Avatars, also unrolled,
+    where each Avatar is its own group (per group, they were 2 K calls: host time on a GPU)."""
+    calls = [call for code in _maskd_terms_code(4, layout) for call in re.findall(r"extern_kernels\.\w+", code)]
     assert 1 <= len(calls) <= 2, calls
 
 
@@ -389,21 +394,9 @@ def test_maskds_kernel_launches_do_not_grow_with_the_avatar_count(layout):
     launch."""
     if os.environ.get("AKD_TRITON_INTERPRET") != "1":
         pytest.skip("counts Triton's kernel launches: tests/test_triton_interpret.py runs it under Triton's interpreter")
-    from torch._inductor.utils import run_and_get_code
-
-    n, c, h, w = 2, 16, 12, 10
     launches = {}
     for k in (2, 4):
-        torch.manual_seed(0)
-        keys = counter_rng.avatar_keys(torch.tensor(5), torch.arange(k))
-        arguments = (torch.randn(n, c, h, w), keys, counter_rng.Drop.of(0.1), [("mul", None, torch.rand(k, c) + 0.5)],
-                     torch.rand(k, n) + 0.5, ReceptiveTokens(c, 6), None)
-        compiled = torch.compile(fused.FUNCTIONS["maskd"], dynamic=False, fullgraph=True, options=fused.COMPILE_OPTIONS)
-        with torch.no_grad():
-            result, codes = run_and_get_code(compiled, *arguments, layout=layout)
-            expected = fused.FUNCTIONS["maskd"](*arguments, layout=layout)
-        for a, b in zip(result, expected):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        codes = _maskd_terms_code(k, layout)
         assert all("@triton.jit" in code for code in codes), "the code is not Triton's"
         launches[k] = sum(len(re.findall(r"\.run\(", code)) for code in codes)
     assert launches[2] == launches[4] > 0, launches
