@@ -101,12 +101,12 @@ def windows_of_sums(rows: torch.Tensor, first: torch.Tensor, last: torch.Tensor)
     with float32_reductions(rows):
         rows, first, last = rows.float(), first.float(), last.float()
 
-        def tap_rows(index) -> torch.Tensor:  # N x C x 3: the three tap rows at a column (or their sums)
-            at = (lambda x: x[..., index]) if index is not None else (lambda x: x.sum(dim=-1))
-            return torch.stack([at(rows) - at(last), at(rows), at(rows) - at(first)], dim=2)
+        def taps(of_rows, of_first, of_last):  # N x C x 3: the tap rows' values, from those of rows, first, last
+            return torch.stack([of_rows - of_last, of_rows, of_rows - of_first], dim=2)
 
-        sums = tap_rows(None)
-        return torch.stack([sums - tap_rows(-1), sums, sums - tap_rows(0)], dim=3)
+        sums = taps(rows.sum(dim=-1), first.sum(dim=-1), last.sum(dim=-1))
+        return torch.stack([sums - taps(rows[..., -1], first[..., -1], last[..., -1]), sums,
+                            sums - taps(rows[..., 0], first[..., 0], last[..., 0])], dim=3)
 
 
 def mean_of_conv3x3(conv: nn.Conv2d, windows: torch.Tensor, positions: int) -> torch.Tensor:
