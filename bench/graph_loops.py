@@ -1,6 +1,8 @@
 """What the compiled Avatar passes generate: per compiled graph of one loss call (forward and
 backward), the loops of inductor's CPU code, or the kernel launches of its GPU code. Tiny five-level
-maps (as bench/host_calls.py): the code's form does not depend on the sizes (dynamic shapes).
+maps (as bench/host_calls.py), or R50-FPN's at 1333x800, batch 2 (``--shapes r50``, as
+bench/core_losses.py): the code is compiled for dynamic shapes, but a few of inductor's choices read
+the first call's sizes (whether a reduction splits in two).
 
 On a GPU each launch costs host time, and the loss is bound by the host (bench/RESULTS.md). On the
 CPU, inductor puts a graph's loops in one C++ function, so they cost no launches there; but their
@@ -11,11 +13,15 @@ node, where its CPU code writes one loop nest, or merges a few under one outer l
 
 ``--device triton``: no GPU, but the GPU's code form. Inductor writes Triton kernels for CPU tensors
 and Triton's interpreter runs them (tests/triton_interpret.py, as tests/test_triton_interpret.py
-uses it; needs the triton package); launches are counted as on a GPU. Inductor's GPU heuristics
-that read the device (a reduction split across a GPU's many multiprocessors) may launch more on a
-GPU at real sizes; on these tiny maps they do not split. Inductor lowers a cat by the tensors'
-device: for CPU tensors each input is copied into its slice (a launch each where the input is not
-computed in place), where a GPU may write a cat of up to 8 pointwise inputs in one kernel.
+uses it; needs the triton package); launches are counted as on a GPU. Inductor's heuristics that
+read the device (a reduction with fewer outputs than twice the multiprocessors splits in two) read
+the CPU's, 2 cores as 2 multiprocessors: ``--gpu-properties`` gives them an H100's (132), as a GPU
+would. ``--no-run`` generates the kernels without running them (for ``--shapes r50``, whose kernels
+the interpreter would take hours over). Inductor lowers a cat by the tensors' device: for CPU
+tensors each input is copied into its slice (a launch each where the input is not computed in
+place), where a GPU may write a cat of up to 8 pointwise inputs in one kernel.
+
+    python bench/graph_loops.py --device triton --shapes r50 --no-run --gpu-properties mse/release/8
 
 ``--root`` imports akd_cli from another checkout (``git archive REV akd_cli | tar -x -C TREE``):
 two commits' counts side by side. Compiles each configuration (minutes on the CPU for MasKD).
@@ -44,13 +50,13 @@ def role(code: str) -> str:
     return found.group(1)[0] if found else "?"
 
 
-def count(base: str, factor: str, avatars: int, device: str) -> list:
+def count(base: str, factor: str, avatars: int, device: str, shapes: list) -> list:
     """(units, role) per compiled graph of one loss call, in compilation order."""
     from torch._inductor.utils import run_and_get_code
 
     from host_calls import tiny_loss
 
-    loss_fn, students, teachers = tiny_loss(base, factor, "compiled", avatars, device)
+    loss_fn, students, teachers = tiny_loss(base, factor, "compiled", avatars, device, shapes)
     _, codes = run_and_get_code(lambda: loss_fn(students, teachers).backward())
     return [(units(code), role(code)) for code in codes]
 
@@ -59,6 +65,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configurations", nargs="+", help="base/factor/Avatars, e.g. mse/release/8")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", choices=("tiny", "r50"), default="tiny")
+    parser.add_argument("--no-run", action="store_true", help="--device triton: generate the kernels, run none")
+    parser.add_argument("--gpu-properties", action="store_true",
+                        help="--device triton: inductor's heuristics see an H100's 132 multiprocessors, not the CPU's cores")
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     args = parser.parse_args(argv)
     # a graph served from inductor's cache brings no code to count
@@ -71,13 +81,22 @@ def main(argv=None) -> int:
         import triton_interpret
 
         triton_interpret.enable()  # after the path: it patches that checkout's akd_cli
+        if args.gpu_properties:
+            triton_interpret.as_h100()
+        if args.no_run:
+            triton_interpret.without_running()
         args.device = "cpu"  # the tensors' device; the code is Triton's all the same
+    elif args.no_run or args.gpu_properties:
+        parser.error("--no-run and --gpu-properties go with --device triton")
+    from loss_pieces import SHAPES
+
+    shapes = SHAPES[args.shapes]
     print(f"| base, factor, Avatars | {what} per compiled graph, in compilation order "
           "(f forward, b backward, i no gradient) | total |")
     print("|---|---|---|")
     for configuration in args.configurations:
         base, factor, avatars = configuration.split("/")
-        per_graph = count(base, factor, int(avatars), args.device)
+        per_graph = count(base, factor, int(avatars), args.device, shapes)
         listed = " ".join(f"{n}{r}" for n, r in per_graph)
         print(f"| {base}, {factor}, {avatars} | {listed} | {sum(n for n, _ in per_graph)} |", flush=True)
     return 0

@@ -42,18 +42,18 @@ FORCED = [("cwd", "paper", 8), ("maskd", "release", 8)]  # --layouts: these comp
 READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist"}
 
 
-def tiny_loss(base: str, factor: str, kernel: str, avatars: int, device: str):
+def tiny_loss(base: str, factor: str, kernel: str, avatars: int, device: str, shapes=SHAPES):
     """The loss of a configuration (seeded) with its students and teachers on the tiny maps of
-    SHAPES (bench/graph_loops.py takes them too)."""
+    SHAPES, or on ``shapes`` (bench/graph_loops.py takes them too)."""
     import torch
 
     from akd_cli import AKDLoss
 
     torch.manual_seed(0)
-    options = dict(channels=16, num_levels=len(SHAPES), student_masks_after=1) if base == "maskd" else {}
+    options = dict(channels=shapes[0][1], num_levels=len(shapes), student_masks_after=1) if base == "maskd" else {}
     loss_fn = AKDLoss(base=base, num_avatars=avatars, uncertainty=factor, avatar_kernel=kernel, **options).to(device)
-    students = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
-    teachers = [torch.randn(s, device=device) for s in SHAPES]
+    students = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    teachers = [torch.randn(s, device=device) for s in shapes]
     return loss_fn, students, teachers
 
 

@@ -99,6 +99,28 @@ def enable():
     counter_rng.hash_bits = lambda device: 32
 
 
+def as_h100():
+    """Inductor's heuristics read the device's properties: a reduction with fewer outputs than twice
+    the multiprocessors splits in two (``reduction_split_factor``). For CPU tensors they read the
+    CPU's, its cores as multiprocessors (2 here): an H100's instead (132), for counting the launches
+    a GPU would make at real sizes (bench/graph_loops.py --gpu-properties). Not for the tests: the
+    interpreter runs the code all the same, only the choices move."""
+    from torch._inductor.runtime.hints import DeviceProperties
+
+    h100 = dict(multi_processor_count=132, cc=90, major=9, regs_per_multiprocessor=65536,
+                max_threads_per_multi_processor=2048, max_threads_per_block=1024, warp_size=32)
+    DeviceProperties.create = classmethod(lambda cls, device: cls(type=device.type, index=device.index, **h100))
+
+
+def without_running():
+    """The kernels generated but not run (each launch a no-op; the values are garbage): the generated
+    code alone, at sizes whose kernels the interpreter would take hours over (bench/graph_loops.py
+    --no-run)."""
+    from triton.runtime import interpreter
+
+    interpreter.GridExecutor.__call__ = lambda self, *args, **kwargs: None
+
+
 def _tree_reduce(self, input, original, tl):
     original_axis = self.axis
     tensors, axis = self.unravel(input, self.axis)
