@@ -169,15 +169,18 @@ def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
         out["sigma_sum"] = torch.cat([(a - t).pow(2).sum(dim=(3, 4)) for a in groups]).sum(dim=(0, 1))  # C
     if per_avatar_channel:
         # Welford's one-pass mean and biased variance (inductor's var_mean reduction) per (Avatar,
-        # image, channel), then the images' combined exactly (equal counts: the mean of the means,
-        # the mean of the variances plus the means' spread). Concatenated: stored, not recomputed
-        # at every element of the later passes from per-group tensors (414991b: MSE's forward +20%
-        # on the CPU, bench/RESULTS.md).
+        # image, channel), then the images' combined (equal counts: the mean of the variances plus
+        # the means' spread, the spread taken about the first image's mean, the shifted-data form,
+        # so that both sums over images are one reduction: about the means' mean, it took a second).
+        # Concatenated: stored, not recomputed at every element of the later passes from per-group
+        # tensors (414991b: MSE's forward +20% on the CPU, bench/RESULTS.md).
         moments = [torch.var_mean(a, dim=(3, 4), correction=0) for a in groups]
         means = torch.cat([mean for _, mean in moments])                                       # K x N x C
-        mean = means.mean(dim=1)                                                               # K x C
-        out["mean"] = mean
-        out["var"] = torch.cat([var for var, _ in moments]).mean(dim=1) + (means - mean[:, None]).pow(2).mean(dim=1)
+        shifted = means - means[:, :1]
+        offset = shifted.mean(dim=1)                                                           # K x C
+        out["mean"] = means[:, 0] + offset
+        spread = (torch.cat([var for var, _ in moments]) + shifted.pow(2)).mean(dim=1) - offset.pow(2)
+        out["var"] = spread.clamp_min(0.0)  # >= 0 but for rounding
     if per_image_channel:
         out["image_channel_mean"] = torch.cat([a.mean(dim=(3, 4)) for a in groups])           # K x N x C
     return out
