@@ -158,29 +158,18 @@ def statistics(teacher: torch.Tensor, keys, drop: counter_rng.Drop,
     reduction shape."""
     groups = avatar_groups(teacher, keys, drop, layout)
     out = {}
-    # Each statistic reads the Avatars' elements in reductions over positions, per group (N x C
-    # outputs), then combines those small results over images (and Avatars) for all groups at once.
-    # Reduced over images too per group (C outputs, fewer than twice a GPU's multiprocessors),
-    # inductor split each group's reduction in two, its second stage a launch per Avatar and level
-    # (bench/RESULTS.md, "Second stages per Avatar under a GPU's split heuristic"). At a batch of
-    # one, N x C = 256 is still under an H100's 264 and level 0 splits per Avatar again.
     if sigma:
         t = teacher.float()
-        out["sigma_sum"] = torch.cat([(a - t).pow(2).sum(dim=(3, 4)) for a in groups]).sum(dim=(0, 1))  # C
+        out["sigma_sum"] = _total((a - t).pow(2).sum(dim=(0, 1, 3, 4)) for a in groups)          # C
     if per_avatar_channel:
-        # Welford's one-pass mean and biased variance (inductor's var_mean reduction) per (Avatar,
-        # image, channel), then the images' combined (equal counts: the mean of the variances plus
-        # the means' spread, the spread taken about the first image's mean, the shifted-data form,
-        # so that both sums over images are one reduction: about the means' mean, it took a second).
-        # Concatenated: stored, not recomputed at every element of the later passes from per-group
-        # tensors (414991b: MSE's forward +20% on the CPU, bench/RESULTS.md).
-        moments = [torch.var_mean(a, dim=(3, 4), correction=0) for a in groups]
-        means = torch.cat([mean for _, mean in moments])                                       # K x N x C
-        shifted = means - means[:, :1]
-        offset = shifted.mean(dim=1)                                                           # K x C
-        out["mean"] = means[:, 0] + offset
-        spread = (torch.cat([var for var, _ in moments]) + shifted.pow(2)).mean(dim=1) - offset.pow(2)
-        out["var"] = spread.clamp_min(0.0)  # >= 0 but for rounding
+        # Welford's one-pass mean and biased variance (inductor's var_mean reduction)
+        moments = [torch.var_mean(a, dim=(1, 3, 4), correction=0) for a in groups]
+        # Concatenated: each group's variance takes a small loop of its own to write (unrolled: one
+        # per Avatar), but it is stored. Kept per group (414991b), each Avatar's factor was
+        # recomputed at every element of the later passes: MSE's forward +20% on the CPU
+        # (bench/RESULTS.md).
+        out["mean"] = torch.cat([mean for _, mean in moments])                                 # K x C
+        out["var"] = torch.cat([var for var, _ in moments])
     if per_image_channel:
         out["image_channel_mean"] = torch.cat([a.mean(dim=(3, 4)) for a in groups])           # K x N x C
     return out
