@@ -231,7 +231,8 @@ def mse_terms(teacher, keys, drop: counter_rng.Drop, affines, weights, *, layout
     # The constant as MasKD's: each group's squares summed over positions (N x C outputs: enough
     # for a GPU's reduction not to split), then over Avatars and channels for all groups at once. A
     # reduction over each image per group split in two on a GPU, its second stage a launch per Avatar
-    # and level (R50-FPN shapes, 8 Avatars: 40 of MSE's 97 launches; bench/RESULTS.md).
+    # and level (R50-FPN shapes, 8 Avatars: 40 of MSE's 97 launches; bench/RESULTS.md). At a batch of
+    # one, N x C = 256 is under an H100's 264 and level 0 splits per Avatar again.
     squares = torch.cat([a.pow(2).sum(dim=(3, 4)) for a, _ in groups])                         # K x N x C
     constant = (squares * _weight(g, slice(None), k, 1)).sum(dim=(0, 2))
     return phi_bar, constant.double()
