@@ -15,8 +15,9 @@ memory allocated before the step, after a reset.
 With several --avatar-kernels, each base loss gets one row per kernel, measured in the same run
 against the same plain loss (the kernels differ only with Avatars). ``compiled`` holds the Avatars
 in each base loss's own layout (``akd_cli.core.fused.PASS_LAYOUTS``); ``compiled:stacked`` and
-``compiled:unrolled`` put every pass in that layout (``fused.LAYOUT``). The compiled kernel's first
-two steps (its compilation) are warm-up.
+``compiled:unrolled`` put every pass in that layout (``fused.LAYOUT``); ``+combo`` after either
+compiles the passes with inductor's combo kernels (``fused.COMBO_KERNELS``: ``compiled+combo``,
+``compiled:unrolled+combo``). The compiled kernel's first two steps (its compilation) are warm-up.
 """
 from __future__ import annotations
 
@@ -38,10 +39,18 @@ ROOT = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # where
 
 
 def with_layout(kernel: str) -> str:
-    """The avatar kernel of ``KERNEL[:LAYOUT]``, with the passes' layout set for this process (each
-    base loss's own without one)."""
+    """The avatar kernel of ``KERNEL[:LAYOUT][+combo]``, with the passes' layout set for this process
+    (each base loss's own without one), and with ``+combo`` inductor's combo kernels
+    (``fused.COMBO_KERNELS``; each setting its own compilation, in one process too)."""
     from akd_cli.core import fused
 
+    kernel, plus, option = kernel.partition("+")
+    if plus and option != "combo":
+        raise SystemExit(f"unknown kernel option {option!r}; expected +combo")
+    if plus and not hasattr(fused, "COMBO_KERNELS"):
+        raise SystemExit("this checkout's passes have no combo kernels (fused.COMBO_KERNELS)")
+    if hasattr(fused, "COMBO_KERNELS"):
+        fused.COMBO_KERNELS = bool(plus)
     name, _, layout = kernel.partition(":")
     layouts = getattr(fused, "LAYOUTS", ())  # none in a checkout older than the layouts (--root)
     if layout and layout not in layouts:

@@ -23,6 +23,9 @@ place), where a GPU may write a cat of up to 8 pointwise inputs in one kernel.
 
     python bench/graph_loops.py --device triton --shapes r50 --no-run --gpu-properties mse/release/8
 
+``--kernel compiled+combo``: the passes compiled with inductor's combo kernels (``fused.COMBO_KERNELS``),
+``compiled:stacked`` or ``compiled:unrolled`` one layout for every pass (as bench/core_losses.py).
+
 ``--root`` imports akd_cli from another checkout (``git archive REV akd_cli | tar -x -C TREE``):
 two commits' counts side by side. Compiles each configuration (minutes on the CPU for MasKD).
 """
@@ -50,13 +53,14 @@ def role(code: str) -> str:
     return found.group(1)[0] if found else "?"
 
 
-def count(base: str, factor: str, avatars: int, device: str, shapes: list) -> list:
+def count(base: str, factor: str, avatars: int, device: str, shapes: list, kernel: str = "compiled") -> list:
     """(units, role) per compiled graph of one loss call, in compilation order."""
     from torch._inductor.utils import run_and_get_code
 
+    from core_losses import with_layout
     from host_calls import tiny_loss
 
-    loss_fn, students, teachers = tiny_loss(base, factor, "compiled", avatars, device, shapes)
+    loss_fn, students, teachers = tiny_loss(base, factor, with_layout(kernel), avatars, device, shapes)
     _, codes = run_and_get_code(lambda: loss_fn(students, teachers).backward())
     return [(units(code), role(code)) for code in codes]
 
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-run", action="store_true", help="--device triton: generate the kernels, run none")
     parser.add_argument("--gpu-properties", action="store_true",
                         help="--device triton: inductor's heuristics see an H100's 132 multiprocessors, not the CPU's cores")
+    parser.add_argument("--kernel", default="compiled",
+                        help="compiled[:LAYOUT][+combo], as bench/core_losses.py's --avatar-kernels takes it")
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     args = parser.parse_args(argv)
     # a graph served from inductor's cache brings no code to count
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     for configuration in args.configurations:
         base, factor, avatars = configuration.split("/")
-        per_graph = count(base, factor, int(avatars), args.device, shapes)
+        per_graph = count(base, factor, int(avatars), args.device, shapes, args.kernel)
         listed = " ".join(f"{n}{r}" for n, r in per_graph)
         print(f"| {base}, {factor}, {avatars} | {listed} | {sum(n for n, _ in per_graph)} |", flush=True)
     return 0

@@ -427,6 +427,27 @@ def test_mses_kernel_launches_do_not_grow_with_the_avatar_count():
     assert launches[3] == launches[4] > 0, launches
 
 
+def test_combo_kernels_equal_the_loop_in_fewer_launches(monkeypatch):
+    """fused.COMBO_KERNELS compiles the passes with inductor's combo kernels (a graph's independent
+    kernels, each level's in a group of levels, as one launch): the loop's values all the same. In
+    Triton's code form (tests/test_triton_interpret.py runs this under Triton's interpreter, whose
+    harness groups the CPU tensors' kernels as a GPU's) the loss launches fewer kernels; inductor's
+    C++ code has no combo kernels, and there only the values are checked."""
+    from torch._inductor.utils import run_and_get_code
+
+    case = ("cwd", "release", "mean", 2)
+    loop = _steps("loop", *case)
+    launches = {}
+    for combo in (False, True):
+        torch._dynamo.reset()  # graphs compiled before for these settings would be reused: no code
+        monkeypatch.setattr(fused, "COMBO_KERNELS", combo)
+        compiled, codes = run_and_get_code(lambda: _steps("compiled", *case))
+        _assert_same(loop, compiled)
+        launches[combo] = sum(len(re.findall(r"\.run\(", code)) for code in codes)
+    if os.environ.get("AKD_TRITON_INTERPRET") == "1":
+        assert 0 < launches[True] < launches[False], launches
+
+
 # ------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("kwargs,message", [
     (dict(base="fgd", avatar_kernel="compiled", channels=16), "not a weighted sum"),

@@ -24,12 +24,14 @@ from conftest import REPO, child_env
 # cases without kernels of their own (the training run, refusals, a broken C++ compiler, the
 # recompilation count of changing shapes), and CWD's group call's buffers (cwd_group-stacked, 21 s
 # here: its teacher side is cwd-stacked's pass, checked below, and its values run in Triton's form in
-# the cwd-paper cases of the equality test; the C++ run checks its buffers). Two are here alone:
-# MasKD's and MSE's launch counts, which only Triton's code form shows.
+# the cwd-paper cases of the equality test; the C++ run checks its buffers). Three are here alone:
+# MasKD's and MSE's launch counts, and the combo kernels' (fused.COMBO_KERNELS), which only Triton's
+# code form shows.
 CASES = ["test_compiled_passes_equal_the_loop", "test_compiled_passes_draw_at_each_calls_own_drop_rate",
          "test_compiled_float16_features_agree_to_float16_precision[cwd]",
          "test_maskds_kernel_launches_do_not_grow_with_the_avatar_count",
-         "test_mses_kernel_launches_do_not_grow_with_the_avatar_count"] + [
+         "test_mses_kernel_launches_do_not_grow_with_the_avatar_count",
+         "test_combo_kernels_equal_the_loop_in_fewer_launches"] + [
     f"test_compiled_passes_store_no_avatar[{case}]"
     for case in ("statistics-stacked", "cwd-stacked", "maskd-unrolled", "mse_group-unrolled")]
 MULTIPLIER_INT32 = str(0x846CA68B - (1 << 32))   # lowbias32's second multiplier as the int32 hash writes it

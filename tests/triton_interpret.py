@@ -98,6 +98,29 @@ def enable():
     # The Triton code under test is the GPU's: the same bits in either width, but other operations.
     counter_rng.hash_bits = lambda device: 32
 
+    # Inductor's combo kernels (fused.COMBO_KERNELS) group a graph's independent kernels per device,
+    # and leave out the CPU's: C++ loops cost no launches. Its grouping, run on nodes that answer a
+    # GPU's device, groups these CPU tensors' Triton kernels as it would a GPU's. (Torch 2.13's
+    # scheduler; one without combo kernels keeps its own.)
+    from torch._inductor import scheduler
+
+    foreach = getattr(scheduler, "ForeachKernelSchedulerNode", None)
+    grouping = getattr(foreach, "group_algorithm_for_combo_kernels", None)
+    if grouping is not None:
+        cuda = torch.device("cuda", 0)
+
+        def as_a_gpus(sched):
+            nodes = list(sched.nodes)
+            for node in nodes:
+                node.get_device = lambda: cuda
+            try:
+                return grouping(sched)
+            finally:
+                for node in nodes:
+                    del node.get_device
+
+        foreach.set_group_algorithm_for_combo_kernels(as_a_gpus)
+
 
 def as_h100():
     """Inductor's heuristics read the device's properties: a reduction with fewer outputs than twice

@@ -338,6 +338,12 @@ def teacher_terms(teacher: torch.Tensor, keys, scale: Optional[torch.Tensor], st
 # operations: inlining it is cheaper than storing a K-fold tensor, and none of these expressions
 # fans out deeply enough for inlining to grow exponentially.
 COMPILE_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 32, "realize_reads_threshold": 16}
+# Inductor's combo kernels: a graph's kernels that do not depend on each other (each level's, in a
+# group of levels) launched as one. In Triton's code form at R50-FPN shapes they cut CWD's launches
+# per loss call from 68 to 25 (bench/RESULTS.md). Off until a GPU has timed them: a combo kernel's
+# blocks take the largest member's sizes, and whether fewer launches pay for that is a GPU's to say.
+# True compiles the passes with them (benchmarks: ``compiled+combo``); set before the first call.
+COMBO_KERNELS = False
 
 
 # One function per pass, each its own code object: dynamo keeps its compilations per code object,
@@ -410,11 +416,13 @@ def function(name: str, compiled: bool):
     level and image size)."""
     if not compiled:
         return FUNCTIONS[name]
-    if name not in _compiled:
+    key = name + "+combo" if COMBO_KERNELS else name
+    if key not in _compiled:
         from torch._inductor import config
 
         # a torch without one of these settings refuses the whole dict: keep what it knows
-        options = {key: value for key, value in COMPILE_OPTIONS.items() if hasattr(config, key)}
+        wanted = dict(COMPILE_OPTIONS, combo_kernels=True) if COMBO_KERNELS else COMPILE_OPTIONS
+        options = {key: value for key, value in wanted.items() if hasattr(config, key)}
         # A process compiles each pass once per configuration (level count, factor, weighting,
         # dtype, a batch of one): a test run or a study meets more of them than dynamo's default
         # limit of 8 per function, past which a fullgraph function fails instead of recompiling.
@@ -434,5 +442,7 @@ def function(name: str, compiled: bool):
         from torch.fx.experimental import _config as fx_config
 
         fx_config.use_duck_shape = False
-        _compiled[name] = torch.compile(FUNCTIONS[name], dynamic=True, fullgraph=True, options=options)
-    return _compiled[name]
+        # Its own torch.compile with its own options: dynamo guards each compilation on the backend
+        # that made it, so switching COMBO_KERNELS compiles again instead of reusing the other's graph.
+        _compiled[key] = torch.compile(FUNCTIONS[name], dynamic=True, fullgraph=True, options=options)
+    return _compiled[key]
