@@ -8,6 +8,7 @@
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
 #   (parts: tests, train, host, core, profile, graphs, goals; default "tests train host core goals")
 #   CORE_AVATARS=0,8 PARTS="core goals" bash bench/gpu_check.sh            # the core goals' rows alone
+#   CORE_KERNELS=compiled,compiled+combo CORE_AVATARS=0,1,8 PARTS=core ...  # with inductor's combo kernels too
 #   CORE_KERNELS=compiled:stacked,compiled:unrolled CORE_AVATARS=0,8 PARTS=core ...  # the passes' two layouts of
 #                                                   # the Avatars (akd_cli.core.fused.LAYOUT; "compiled" alone:
 #                                                   # each base loss's own, PASS_LAYOUTS) side by side; the tests
@@ -89,11 +90,11 @@ part_tests() {
   rc=$?; say "$(tail -1 "$OUT_DIR/tests.txt")"; part_end $rc
 }
 
-# core_run FACTOR JSON [--root TREE]: the core rows of one factor, from this checkout's akd_cli or TREE's
+# core_run FACTOR JSON KERNELS [--root TREE]: the core rows of one factor, from this checkout's akd_cli or TREE's
 core_run() {
-  local factor=$1 json=$2; shift 2
+  local factor=$1 json=$2 kernels=$3; shift 3
   timeout "$(limit "${CORE_LIMIT:-200}")" $PY bench/core_losses.py --device cuda --repeats 20 --uncertainty "$factor" \
-      --bases "${CORE_BASES:-cwd,mse,maskd}" --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "${CORE_KERNELS:-loop,compiled}" \
+      --bases "${CORE_BASES:-cwd,mse,maskd}" --avatars "${CORE_AVATARS:-0,1,8}" --avatar-kernels "$kernels" \
       --json "$json" "$@" 2>> "$ERR" | tee -a "$LOG"
   part_end "${PIPESTATUS[0]}"
 }
@@ -102,12 +103,15 @@ part_core() {
   for factor in $FACTORS; do
     has_time "core ($factor factor)" || continue
     part_start "core ($factor factor): CWD, MSE, MasKD with ${CORE_AVATARS:-0,1,8} Avatars, ${CORE_KERNELS:-loop,compiled}"
-    core_run "$factor" "$OUT_DIR/core_$factor.json"
+    core_run "$factor" "$OUT_DIR/core_$factor.json" "${CORE_KERNELS:-loop,compiled}"
     roots=${CORE_ROOT:-}
+    # an older checkout has no combo kernels (compiled+combo): its rows are the others
+    old_kernels=$(tr , '\n' <<< "${CORE_KERNELS:-loop,compiled}" | grep -v '+combo' | paste -sd, -)
     for root in ${roots//,/ }; do
+      [[ -n "$old_kernels" ]] || break
       has_time "core ($factor factor) of $root" || continue
-      part_start "core ($factor factor) of the checkout in $root, the same configurations"
-      core_run "$factor" "$OUT_DIR/core_${factor}_$(basename "$root").json" --root "$root"
+      part_start "core ($factor factor) of the checkout in $root, kernels $old_kernels"
+      core_run "$factor" "$OUT_DIR/core_${factor}_$(basename "$root").json" "$old_kernels" --root "$root"
     done
   done
 }
