@@ -47,10 +47,10 @@ def with_layout(kernel: str) -> str:
     kernel, plus, option = kernel.partition("+")
     if plus and option != "combo":
         raise SystemExit(f"unknown kernel option {option!r}; expected +combo")
-    if plus and not hasattr(fused, "COMBO_KERNELS"):
-        raise SystemExit("this checkout's passes have no combo kernels (fused.COMBO_KERNELS)")
     if hasattr(fused, "COMBO_KERNELS"):
         fused.COMBO_KERNELS = bool(plus)
+    elif plus:
+        raise SystemExit("this checkout's passes have no combo kernels (fused.COMBO_KERNELS)")
     name, _, layout = kernel.partition(":")
     layouts = getattr(fused, "LAYOUTS", ())  # none in a checkout older than the layouts (--root)
     if layout and layout not in layouts:

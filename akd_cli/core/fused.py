@@ -340,7 +340,7 @@ def teacher_terms(teacher: torch.Tensor, keys, scale: Optional[torch.Tensor], st
 COMPILE_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 32, "realize_reads_threshold": 16}
 # Inductor's combo kernels: a graph's kernels that do not depend on each other (each level's, in a
 # group of levels) launched as one. In Triton's code form at R50-FPN shapes they cut CWD's launches
-# per loss call from 68 to 25 (bench/RESULTS.md). Off until a GPU has timed them: a combo kernel's
+# per loss call from 68 to 30 with 8 Avatars (bench/RESULTS.md). Off until a GPU has timed them: a combo kernel's
 # blocks take the largest member's sizes, and whether fewer launches pay for that is a GPU's to say.
 # True compiles the passes with them (benchmarks: ``compiled+combo``); set before the first call.
 COMBO_KERNELS = False
