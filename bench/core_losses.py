@@ -18,6 +18,8 @@ in each base loss's own layout (``akd_cli.core.fused.PASS_LAYOUTS``); ``compiled
 ``compiled:unrolled`` put every pass in that layout (``fused.LAYOUT``); ``+combo`` after either
 compiles the passes with inductor's combo kernels (``fused.COMBO_KERNELS``: ``compiled+combo``,
 ``compiled:unrolled+combo``). The compiled kernel's first two steps (its compilation) are warm-up.
+A configuration that fails (a compile error, say) gets a row with its one-line ``error`` and no
+figures, and the others are still measured; bench/goals.py names such rows and judges the rest.
 """
 from __future__ import annotations
 
@@ -102,19 +104,50 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
             "peak_mib": peak / 2 ** 20}
 
 
+def failed(base: str, avatars: int, kernel: str, error: str) -> dict:
+    """The row of a configuration that could not be measured: the others still are. On an H100 one
+    configuration that failed to compile (MasKD, 1 Avatar, combo kernels) would otherwise end the
+    one-process CUDA run and every row after it, out of a device call of minutes."""
+    lines = [line for line in error.strip().splitlines() if line.strip()]
+    return {"base": base, "avatars": avatars, "kernel": kernel, "ms": None, "peak_mib": None,
+            "error": (lines[-1] if lines else "failed")[:300]}
+
+
+def measure_or_fail(base: str, avatars: int, device: str, repeats: int, uncertainty: str, kernel: str) -> dict:
+    """``measure``, or the configuration's ``failed`` row (its traceback on stderr)."""
+    try:
+        return measure(base, avatars, device, repeats, uncertainty, kernel)
+    except SystemExit:  # with_layout's refusal of a kernel name: the command's mistake, for every row
+        raise
+    except Exception as error:  # noqa: BLE001 - a compile or CUDA error of this configuration alone
+        import traceback
+
+        traceback.print_exc()
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # a failed step's buffers must not count in the next row's peak
+        return failed(base, avatars, kernel, f"{type(error).__name__}: {error}")
+
+
 def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
     """Time in one fresh process (the default allocator), peak memory in another (on CPU with
-    CPU_MEMORY_ENV, which makes large allocations slower and so must not be timed)."""
+    CPU_MEMORY_ENV, which makes large allocations slower and so must not be timed); a configuration
+    whose process fails gets its ``failed`` row."""
+    base, avatars, kernel = args[2], int(args[3]), args[4]
+
     def run(extra, env):
         out = subprocess.run([sys.executable, *args, *extra], capture_output=True, text=True, env=env)
         if out.returncode != 0:
-            raise SystemExit(out.stderr[-2000:])
+            print(out.stderr[-2000:], file=sys.stderr)
+            return failed(base, avatars, kernel, out.stderr or f"exit {out.returncode}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     timed = run(["--repeats", str(repeats)], dict(os.environ))
-    if device == "cuda":
+    if device == "cuda" or "error" in timed:
         return timed
-    return dict(timed, peak_mib=run(["--repeats", "0"], dict(os.environ, **CPU_MEMORY_ENV))["peak_mib"])
+    peak = run(["--repeats", "0"], dict(os.environ, **CPU_MEMORY_ENV))
+    return peak if "error" in peak else dict(timed, peak_mib=peak["peak_mib"])
 
 
 def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES, avatar_counts=AVATARS,
@@ -134,8 +167,9 @@ def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES
     for base, avatars, kernel in _configurations(bases, avatar_counts, kernels):
         rows.append(_measure_in_subprocesses([__file__, "--one", base, str(avatars), kernel, "--device", device,
                                               *common], repeats, device))
-        print(f"  {base:>6} x{avatars} {kernel}: {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB",
-              file=sys.stderr)
+        row = rows[-1]
+        print(f"  {base:>6} x{avatars} {kernel}: " + (f"failed: {row['error']}" if "error" in row else
+                                                       f"{row['ms']:8.1f} ms  {row['peak_mib']:8.1f} MiB"), file=sys.stderr)
     return rows
 
 
@@ -151,14 +185,20 @@ def markdown(rows: list, bases=BASES, avatar_counts=AVATARS, kernels=("loop",)) 
     lines = ["| base loss | " + " | ".join(f"{k} Avatar{'s' if k > 1 else ''}" if k else "plain" for k in avatar_counts)
              + " |", "|---|" + "---|" * len(avatar_counts)]
     for base in bases:
-        plain = next(r for r in rows if r["base"] == base and r["avatars"] == 0)
+        plain = next((r for r in rows if r["base"] == base and r["avatars"] == 0), None)
         for kernel in kernels:
             cells = []
             for k in avatar_counts:
-                r = next(r for r in rows if r["base"] == base and r["avatars"] == k
-                         and (k == 0 or r.get("kernel", "loop") == kernel))
-                if k == 0:
+                r = next((r for r in rows if r["base"] == base and r["avatars"] == k
+                          and (k == 0 or r.get("kernel", "loop") == kernel)), None)
+                if r is None:  # a run cut short by its time limit
+                    cells.append("not run")
+                elif "error" in r:
+                    cells.append(f"failed: {r['error'][:80]}")
+                elif k == 0:
                     cells.append(f"{r['ms']:.1f} ms, {r['peak_mib']:.0f} MiB")
+                elif plain is None or "error" in plain:
+                    cells.append(f"{r['ms']:.1f} ms, {r['peak_mib']:.0f} MiB (no plain row)")
                 else:
                     cells.append(f"x{r['ms'] / plain['ms']:.2f} time, "
                                  f"x{r['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f} mem")
@@ -197,7 +237,7 @@ def main() -> None:
     if args.all_here:
         rows = []
         for base, avatars, kernel in _configurations(bases, counts, kernels):
-            rows.append(measure(base, avatars, args.device, args.repeats, args.uncertainty, kernel))
+            rows.append(measure_or_fail(base, avatars, args.device, args.repeats, args.uncertainty, kernel))
             # progress on stderr, and the rows so far in the JSON file: a run cut short by a time
             # limit still leaves what it measured (on an H100, one call lost a whole factor's rows)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -16,7 +16,8 @@ adds): a change inside the control's is not the code's. Peak memory, each config
 resident tensors (weights, buffers, optimizer state, batch) plus what one step after warm-up adds
 over the memory in use before it: on CUDA in the same process (max_memory_allocated: cuda_peaks),
 on the CPU in a fresh process per configuration (peak RSS reset after warm-up, with CPU_MEMORY_ENV:
-bench/memory.py), so that neither counts a compiled kernel's compilation.
+bench/memory.py), so that neither counts a compiled kernel's compilation. An AKD configuration whose
+warm-up fails (a compile error) is left out of the rounds and reported with its one-line ``error``.
 """
 from __future__ import annotations
 
@@ -132,17 +133,37 @@ def peak_memory(step, warmup: int, device: str) -> float:
     return (step.resident() + step_peak(step, device)) / 2 ** 20
 
 
+def warmed_up(steps: dict) -> dict:
+    """Each configuration's warm-up (twice, as a compiled kernel may compile again for dynamic
+    shapes); one that fails there (a compile error) is left out of ``steps`` and its one-line error
+    returned by label, so that it does not end the others' run (on a GPU, minutes of device time).
+    The base loss every change is paired with is not left out: its failure ends the run."""
+    errors = {}
+    for name, step in list(steps.items()):
+        try:
+            step()
+            step()
+        except Exception as error:  # noqa: BLE001 - this configuration's own failure
+            if name == BASE:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            lines = [line for line in str(error).strip().splitlines() if line.strip()]
+            errors[name] = f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
+            del steps[name]
+    return errors
+
+
 def interleaved_times(steps: dict, rounds: int, seed: int = 0) -> dict:
     """Milliseconds of each configuration's step, one per round, the configurations in a fresh
     random order each round: drift of a shared machine falls on all alike, and no configuration
-    always follows the same other one (whose memory or caches it would inherit)."""
+    always follows the same other one (whose memory or caches it would inherit). The steps come
+    warmed up (``warmed_up``)."""
     import random
 
     order = random.Random(seed)
     times = {name: [] for name in steps}
-    for step in steps.values():
-        step()  # warm-up; twice, as a compiled kernel may compile again for dynamic shapes
-        step()
     names = list(steps)
     for _ in range(rounds):
         order.shuffle(names)
@@ -183,6 +204,11 @@ def run_all(preset: str, size: str, batch: int, device: str, warmup: int, repeat
     paired = against_base(times)
     rows = []
     for label, method, count, kernel in configurations(kernels, avatars, control):
+        if label in measured.get("errors", {}):
+            rows.append({"label": label, "avatars": count, "kernel": kernel, "ms": None, "peak_mib": None,
+                         "error": measured["errors"][label]})
+            print(f"  {label:>28}: failed: {rows[-1]['error']}", file=sys.stderr)
+            continue
         peak = measured["peaks"][label] if device == "cuda" else _peak_in_fresh_process(common, method, count, kernel,
                                                                                         device)
         rows.append({"label": label, "avatars": count, "kernel": kernel, "ms": statistics.median(times[label]),
@@ -206,6 +232,9 @@ def markdown(rows: list) -> str:
     lines = ["| configuration | step time (quartiles) | vs base loss, by round (95% interval) | peak memory | vs base loss |",
              "|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error'][:80]} | - | - | - |")
+            continue
         spread = f" ({r['ms_quartiles'][0]:.0f}-{r['ms_quartiles'][1]:.0f})" if r.get("ms_quartiles") else ""
         ci = r.get("vs_base_ci")
         change = "-" if r["label"] == BASE else f"{r['vs_base_pct']:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
@@ -245,8 +274,10 @@ def main() -> None:
     if args.time_all:
         steps = {label: build_step(args.preset, method, count, width, height, args.batch, args.device, kernel)
                  for label, method, count, kernel in configurations(kernels, avatars, args.control)}
+        errors = warmed_up(steps)
         times = interleaved_times(steps, rounds=max(args.repeats, 2))  # quartiles need two
-        print(json.dumps({"times": times, "peaks": cuda_peaks(steps) if args.device == "cuda" else None}))
+        print(json.dumps({"times": times, "peaks": cuda_peaks(steps) if args.device == "cuda" else None,
+                          "errors": errors}))
         return
     rows = run_all(args.preset, args.size, args.batch, args.device, args.warmup, args.repeats, kernels, avatars,
                    args.control)

@@ -448,6 +448,25 @@ def test_combo_kernels_equal_the_loop_in_fewer_launches(monkeypatch):
         assert 0 < launches[True] < launches[False], launches
 
 
+def test_compiled_token_weights_do_not_guard_on_the_map_count():
+    """MasKD's token weights compiled (as in its passes, where the maps are K x N Avatars' and
+    images') serve any number of maps with one graph. Its 1x1 head run as a convolution had torch's
+    choice of convolution backend guard on fewer than 16 maps: a recompilation at 16, and a bound
+    on the count that, with one Avatar, made inductor write a persistent reduction over the batch
+    size, which its combo kernels fail to compile (torch 2.13, pytorch/pytorch#187269)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    tokens = ReceptiveTokens(8, num_tokens=3)
+    counter = CompileCounter()
+    weights = torch.compile(tokens.weights_of_windows, backend=counter, dynamic=True, fullgraph=True)
+    for maps in (2, 3, 20):
+        windows = torch.randn(maps, 8, 3, 3)
+        got = weights(windows, 30)
+        assert torch.allclose(got, tokens.weights_of_windows(windows, 30), rtol=1e-6, atol=1e-7)
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 2, 3 and 20 maps"
+
+
 # ------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("kwargs,message", [
     (dict(base="fgd", avatar_kernel="compiled", channels=16), "not a weighted sum"),

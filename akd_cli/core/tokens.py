@@ -69,8 +69,14 @@ class ReceptiveTokens(nn.Module):
         if self.prob is None:
             return windows.new_full((windows.shape[0], self.num_tokens), 1.0 / self.num_tokens)
         conv, _, head = self.prob  # self.prob(x) = head(pool(conv(x))), with pool(conv(x)) taken exactly but cheaply
-        logits = head(mean_of_conv3x3(conv, windows, positions).to(head.weight.dtype))
-        return torch.softmax(logits.flatten(1), dim=1)
+        pooled = mean_of_conv3x3(conv, windows, positions).flatten(1).to(head.weight.dtype)        # M x C
+        # head, a 1x1 convolution of 1x1 maps, as the matrix product it is. Called as a convolution,
+        # torch's choice of convolution backend read the map count, and compiled (the fused passes)
+        # that was a guard M < 16: a recompilation at 16 maps, and a bound on the batch size that
+        # made inductor write a persistent reduction over it, which its combo kernels fail on (torch
+        # 2.13, pytorch/pytorch#187269; bench/RESULTS.md).
+        logits = nn.functional.linear(pooled, head.weight.flatten(1), head.bias)
+        return torch.softmax(logits, dim=1)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The token-learning stage's view of a level: sum_t w_t m_t x, and the masks' Dice overlap."""

@@ -1,0 +1,83 @@
+"""The benchmarks' handling of a configuration that fails: it is named in the tables and the goals'
+verdicts, and the other configurations are still measured. A GPU session has minutes of device
+time, and one configuration that failed to compile (MasKD, 1 Avatar, inductor's combo kernels) would
+otherwise have ended every row after it."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import core_losses  # noqa: E402
+import goals  # noqa: E402
+import train_step  # noqa: E402
+
+FAILED = "BackendCompilerFailed: Dynamic shape on reduction dimension is not supported"
+
+
+def test_a_failing_configuration_gets_its_row_and_the_next_is_measured():
+    # FGD's teacher side is not a weighted sum: the compiled passes refuse it when the loss is built
+    rows = [core_losses.measure_or_fail("fgd", 2, "cpu", 1, "release", "compiled"),
+            core_losses.measure_or_fail("cwd", 0, "cpu", 1, "release", "loop")]
+    assert rows[0]["ms"] is None and rows[0]["peak_mib"] is None
+    assert "ValueError" in rows[0]["error"] and "\n" not in rows[0]["error"]
+    assert rows[1]["ms"] > 0 and "error" not in rows[1]
+
+
+def test_core_table_and_goals_name_a_failure_without_judging_it(tmp_path):
+    rows = [{"base": "cwd", "avatars": 0, "kernel": "compiled", "ms": 4.0, "peak_mib": 100.0},
+            {"base": "cwd", "avatars": 8, "kernel": "compiled", "ms": 5.0, "peak_mib": 101.0},
+            core_losses.failed("cwd", 8, "compiled+combo", "Traceback ...\n  ...\n" + FAILED + "\n"),
+            core_losses.failed("mse", 0, "compiled", "RuntimeError: out of memory"),
+            {"base": "mse", "avatars": 8, "kernel": "compiled", "ms": 9.0, "peak_mib": 90.0}]
+    assert rows[2]["error"] == FAILED
+    table = core_losses.markdown(rows, ("cwd", "mse", "maskd"), (0, 8), ("compiled", "compiled+combo"))
+    assert "| cwd (compiled) | 4.0 ms, 100 MiB | x1.25 time, x1.01 mem |" in table
+    assert f"| cwd (compiled+combo) | 4.0 ms, 100 MiB | failed: {FAILED} |" in table
+    assert "9.0 ms, 90 MiB (no plain row)" in table
+    assert "| maskd (compiled) | not run | not run |" in table  # a run cut short
+    (tmp_path / "core_release.json").write_text(json.dumps(rows))
+    verdicts = {line.split(" | ")[0].strip("| "): line for line in goals.judge(str(tmp_path)).splitlines()}
+    cwd = verdicts["core cwd, release factor, 8 Avatars at most x1.5 the plain loss"]
+    assert "compiled x1.25" in cwd and "compiled+combo failed" in cwd and cwd.endswith("| met (compiled) |")
+    mse = verdicts["core mse, release factor, 8 Avatars at most x1.5 the plain loss"]
+    assert "plain failed: RuntimeError" in mse and mse.endswith("| not measured |")
+
+
+def test_a_step_that_fails_its_warm_up_is_left_out_and_named():
+    calls = []
+
+    def good(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        raise RuntimeError("first line\nDynamic shape on reduction dimension is not supported")
+
+    steps = {train_step.BASE: good("base"), "AKD, 1 Avatar": broken, "AKD, 8 Avatars": good("eight")}
+    errors = train_step.warmed_up(steps)
+    assert errors == {"AKD, 1 Avatar": "RuntimeError: Dynamic shape on reduction dimension is not supported"}
+    assert list(steps) == [train_step.BASE, "AKD, 8 Avatars"] and calls == ["base"] * 2 + ["eight"] * 2
+    times = train_step.interleaved_times(steps, rounds=3)
+    assert set(times) == set(steps) and all(len(t) == 3 for t in times.values())
+    with pytest.raises(RuntimeError):  # every change is paired with the base loss: no run without it
+        train_step.warmed_up({train_step.BASE: broken})
+
+
+def test_step_goals_judge_the_measured_rows_and_name_the_failed(tmp_path):
+    base = {"label": train_step.BASE, "avatars": 0, "kernel": "loop", "ms": 80.0, "peak_mib": 3000.0,
+            "vs_base_pct": 0.0, "vs_base_ci": [0.0, 0.0]}
+    rows = [base, {"label": "AKD, 1 Avatar", "avatars": 1, "kernel": "compiled+combo", "ms": None, "peak_mib": None,
+                   "error": FAILED},
+            {"label": "AKD, 8 Avatars", "avatars": 8, "kernel": "compiled+combo", "ms": 82.0, "peak_mib": 3030.0,
+             "vs_base_pct": 2.5, "vs_base_ci": [3.5, 4.0]}]
+    assert f"| AKD, 1 Avatar | failed: {FAILED} |" in train_step.markdown(rows)
+    (tmp_path / "train_step.json").write_text(json.dumps(rows))
+    lines = goals.judge(str(tmp_path)).splitlines()
+    one = next(line for line in lines if line.startswith("| 1 Avatar"))
+    eight = next(line for line in lines if line.startswith("| 8 Avatars"))
+    memory = next(line for line in lines if line.startswith("| peak memory"))
+    assert f"compiled+combo failed: {FAILED}" in one and one.endswith("| not measured |")
+    assert eight.endswith("| not met |")  # the whole interval beyond +3%
+    assert "+1.0% to +1.0%" in memory and memory.endswith("| met |")
