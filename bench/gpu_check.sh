@@ -8,8 +8,8 @@
 #   PARTS="train core" FACTORS="release paper" bash bench/gpu_check.sh     # these parts, in this order
 #   (parts: tests, train, host, core, profile, graphs, goals; default "tests train host core goals")
 #   CORE_AVATARS=0,8 PARTS="core goals" bash bench/gpu_check.sh            # the core goals' rows alone
-#   CORE_KERNELS=compiled,compiled+combo CORE_AVATARS=0,8 PARTS=core ...    # with inductor's combo kernels too
-#                                                   # (MasKD with 1 Avatar fails to compile with them)
+#   CORE_KERNELS=compiled,compiled+combo CORE_AVATARS=0,1,8 PARTS=core ...  # with inductor's combo kernels too
+#                                                   # (a configuration that fails is a row with its error)
 #   CORE_KERNELS=compiled:stacked,compiled:unrolled CORE_AVATARS=0,8 PARTS=core ...  # the passes' two layouts of
 #                                                   # the Avatars (akd_cli.core.fused.LAYOUT; "compiled" alone:
 #                                                   # each base loss's own, PASS_LAYOUTS) side by side; the tests
