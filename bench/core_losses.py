@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -104,13 +105,24 @@ def measure(base: str, avatars: int, device: str, repeats: int, uncertainty: str
             "peak_mib": peak / 2 ** 20}
 
 
-def failed(base: str, avatars: int, kernel: str, error: str) -> dict:
-    """The row of a configuration that could not be measured: the others still are. On an H100 one
-    configuration that failed to compile (MasKD, 1 Avatar, combo kernels) would otherwise end the
-    one-process CUDA run and every row after it, out of a device call of minutes."""
+def one_line(error) -> str:
+    """An error in one line: an exception's type and the first line of its message (dynamo's and
+    inductor's add advice lines after it), or, of a traceback's text, the line of the exception it
+    ended with (the last ``Name: message`` line, else its last line)."""
+    if isinstance(error, BaseException):
+        head = next((line for line in str(error).splitlines() if line.strip()), "")
+        return f"{type(error).__name__}: {head}"[:300]
     lines = [line for line in error.strip().splitlines() if line.strip()]
-    return {"base": base, "avatars": avatars, "kernel": kernel, "ms": None, "peak_mib": None,
-            "error": (lines[-1] if lines else "failed")[:300]}
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit|Failed)\b", line)]
+    return ((raised or lines or ["failed"])[-1])[:300]
+
+
+def failed(base: str, avatars: int, kernel: str, error) -> dict:
+    """The row of a configuration that could not be measured (``error``: the exception, or its
+    traceback's text): the others still are. On an H100 one configuration that failed to compile
+    (MasKD, 1 Avatar, combo kernels) would otherwise end the one-process CUDA run and every row
+    after it, out of a device call of minutes."""
+    return {"base": base, "avatars": avatars, "kernel": kernel, "ms": None, "peak_mib": None, "error": one_line(error)}
 
 
 def measure_or_fail(base: str, avatars: int, device: str, repeats: int, uncertainty: str, kernel: str) -> dict:
@@ -127,14 +139,14 @@ def measure_or_fail(base: str, avatars: int, device: str, repeats: int, uncertai
             import torch
 
             torch.cuda.empty_cache()  # a failed step's buffers must not count in the next row's peak
-        return failed(base, avatars, kernel, f"{type(error).__name__}: {error}")
+        return failed(base, avatars, kernel, error)
 
 
-def _measure_in_subprocesses(args, repeats: int, device: str) -> dict:
+def _measure_in_subprocesses(base: str, avatars: int, kernel: str, common: list, repeats: int, device: str) -> dict:
     """Time in one fresh process (the default allocator), peak memory in another (on CPU with
     CPU_MEMORY_ENV, which makes large allocations slower and so must not be timed); a configuration
     whose process fails gets its ``failed`` row."""
-    base, avatars, kernel = args[2], int(args[3]), args[4]
+    args = [__file__, "--one", base, str(avatars), kernel, "--device", device, *common]
 
     def run(extra, env):
         out = subprocess.run([sys.executable, *args, *extra], capture_output=True, text=True, env=env)
@@ -165,8 +177,7 @@ def run_all(device: str, repeats: int, uncertainty: str = "release", bases=BASES
         return json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
     for base, avatars, kernel in _configurations(bases, avatar_counts, kernels):
-        rows.append(_measure_in_subprocesses([__file__, "--one", base, str(avatars), kernel, "--device", device,
-                                              *common], repeats, device))
+        rows.append(_measure_in_subprocesses(base, avatars, kernel, common, repeats, device))
         row = rows[-1]
         print(f"  {base:>6} x{avatars} {kernel}: " + (f"failed: {row['error']}" if "error" in row else
                                                        f"{row['ms']:8.1f} ms  {row['peak_mib']:8.1f} MiB"), file=sys.stderr)

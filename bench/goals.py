@@ -52,6 +52,11 @@ def _cell(label: str, pct: float, ci) -> str:
     return f"{label} {pct:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else " (no interval: too few rounds)")
 
 
+def _failure(row: dict) -> str:
+    """A configuration the benchmark could not measure (its ``error``): named, not judged."""
+    return f"{row.get('kernel', 'loop')} failed: {row['error'][:80]}"
+
+
 def step_rows(rows: list) -> list:
     """(goal, result, verdict) rows of the training step's goals."""
     base = next((r for r in rows if r["label"] == "base loss"), None)
@@ -68,8 +73,7 @@ def step_rows(rows: list) -> list:
                     else "no difference found" if ci is not None else "cannot tell"))
     for avatars, limit in STEP_GOALS:
         found = [(r, *_change(r, base)) for r in rows if r["avatars"] == avatars and "error" not in r]
-        # configurations train_step.py left out after a failed warm-up: named, not judged
-        errors = [f"{r['kernel']} failed: {r['error'][:80]}" for r in rows if r["avatars"] == avatars and "error" in r]
+        errors = [_failure(r) for r in rows if r["avatars"] == avatars and "error" in r]  # failed warm-ups
         if not found:
             out.append((f"{avatars} Avatar(s) at most +{limit:g}% step time", "; ".join(errors) or "-", "not measured"))
             continue
@@ -96,8 +100,7 @@ def core_rows(factor: str, rows: list) -> list:
         plain = next((r for r in rows if r["base"] == base and r["avatars"] == 0), None)
         every = [r for r in rows if r["base"] == base and r["avatars"] == 8]
         eight = [r for r in every if "error" not in r]
-        # a configuration core_losses.py could not measure (its "error"): named, not judged
-        errors = "; ".join(f"{r.get('kernel', 'loop')} failed: {r['error'][:80]}" for r in every if "error" in r)
+        errors = "; ".join(_failure(r) for r in every if "error" in r)
         goal = f"core {base}, {factor} factor, 8 Avatars at most x{CORE_GOAL:g} the plain loss"
         if plain is None or "error" in plain or not eight:
             cause = f"plain failed: {plain['error'][:80]}" if plain is not None and "error" in plain else errors

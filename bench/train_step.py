@@ -148,9 +148,10 @@ def warmed_up(steps: dict) -> dict:
                 raise
             import traceback
 
+            from core_losses import one_line
+
             traceback.print_exc()
-            lines = [line for line in str(error).strip().splitlines() if line.strip()]
-            errors[name] = f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
+            errors[name] = one_line(error)
             del steps[name]
     return errors
 

@@ -29,13 +29,14 @@ def test_a_failing_configuration_gets_its_row_and_the_next_is_measured():
 def test_core_table_and_goals_name_a_failure_without_judging_it(tmp_path):
     rows = [{"base": "cwd", "avatars": 0, "kernel": "compiled", "ms": 4.0, "peak_mib": 100.0},
             {"base": "cwd", "avatars": 8, "kernel": "compiled", "ms": 5.0, "peak_mib": 101.0},
-            core_losses.failed("cwd", 8, "compiled+combo", "Traceback ...\n  ...\n" + FAILED + "\n"),
+            core_losses.failed("cwd", 8, "compiled+combo", "Traceback ...\n  ...\ntorch._inductor.exc.Inductor"
+                               f"Error: {FAILED}\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n"),
             core_losses.failed("mse", 0, "compiled", "RuntimeError: out of memory"),
             {"base": "mse", "avatars": 8, "kernel": "compiled", "ms": 9.0, "peak_mib": 90.0}]
-    assert rows[2]["error"] == FAILED
+    assert rows[2]["error"] == f"torch._inductor.exc.InductorError: {FAILED}"
     table = core_losses.markdown(rows, ("cwd", "mse", "maskd"), (0, 8), ("compiled", "compiled+combo"))
     assert "| cwd (compiled) | 4.0 ms, 100 MiB | x1.25 time, x1.01 mem |" in table
-    assert f"| cwd (compiled+combo) | 4.0 ms, 100 MiB | failed: {FAILED} |" in table
+    assert f"| cwd (compiled+combo) | 4.0 ms, 100 MiB | failed: {rows[2]['error'][:80]} |" in table
     assert "9.0 ms, 90 MiB (no plain row)" in table
     assert "| maskd (compiled) | not run | not run |" in table  # a run cut short
     (tmp_path / "core_release.json").write_text(json.dumps(rows))
@@ -53,7 +54,9 @@ def test_a_step_that_fails_its_warm_up_is_left_out_and_named():
         return lambda: calls.append(name)
 
     def broken():
-        raise RuntimeError("first line\nDynamic shape on reduction dimension is not supported")
+        # as inductor raises it: its advice after the message
+        raise RuntimeError("Dynamic shape on reduction dimension is not supported\n\nSet TORCHDYNAMO_VERBOSE=1 for the "
+                           "internal stack trace")
 
     steps = {train_step.BASE: good("base"), "AKD, 1 Avatar": broken, "AKD, 8 Avatars": good("eight")}
     errors = train_step.warmed_up(steps)
