@@ -26,6 +26,16 @@ place), where a GPU may write a cat of up to 8 pointwise inputs in one kernel.
 ``--kernel compiled+combo``: the passes compiled with inductor's combo kernels (``fused.COMBO_KERNELS``),
 ``compiled:stacked`` or ``compiled:unrolled`` one layout for every pass (as bench/core_losses.py).
 
+``--bytes`` (with ``--device triton``): the memory traffic of one loss call, a floor on its GPU time
+that launches and host work do not enter. The compiled graphs' launches by inductor's own estimate
+per kernel (each buffer a kernel reads or writes counted once: a kernel that loops over its
+reduction twice reads its input twice but is counted once, and such launches are counted beside
+it), the ops outside the compiled graphs by a dispatch mode (each op's tensors in and out).
+``base/factor/0`` is the plain loss, none of it compiled. The floor: the traffic at an H100 SXM's
+nominal 3.35 TB/s.
+
+    python bench/graph_loops.py --device triton --shapes r50 --no-run --gpu-properties --bytes mse/release/0 mse/release/8
+
 ``--root`` imports akd_cli from another checkout (``git archive REV akd_cli | tar -x -C TREE``):
 two commits' counts side by side. Compiles each configuration (minutes on the CPU for MasKD).
 """
@@ -53,8 +63,17 @@ def role(code: str) -> str:
     return found.group(1)[0] if found else "?"
 
 
+H100_BANDWIDTH = 3.35e12  # bytes/s, an H100 SXM's HBM3, nominal
+
+
 def count(base: str, factor: str, avatars: int, device: str, shapes: list, kernel: str = "compiled") -> list:
     """(units, role) per compiled graph of one loss call, in compilation order."""
+    return [(units(code), role(code)) for code in codes_of_one_call(base, factor, avatars, device, shapes, kernel)[0]]
+
+
+def codes_of_one_call(base: str, factor: str, avatars: int, device: str, shapes: list, kernel: str):
+    """The code of each graph compiled in one loss call (the first), and a function that makes
+    another (on warm graphs: no compilation), the students' gradients set to None first."""
     from torch._inductor.utils import run_and_get_code
 
     from core_losses import with_layout
@@ -62,7 +81,116 @@ def count(base: str, factor: str, avatars: int, device: str, shapes: list, kerne
 
     loss_fn, students, teachers = tiny_loss(base, factor, with_layout(kernel), avatars, device, shapes)
     _, codes = run_and_get_code(lambda: loss_fn(students, teachers).backward())
-    return [(units(code), role(code)) for code in codes]
+
+    def again():
+        for student in students:  # as a training step's zero_grad(set_to_none=True): no accumulation
+            student.grad = None
+        loss_fn(students, teachers).backward()
+
+    return codes, again
+
+
+def estimate_kernel_bytes():
+    """Inductor writes each Triton kernel's estimated traffic (``'kernel_num_gb'`` in its
+    ``inductor_meta``) only under ``benchmark_kernel``, which also appends a benchmark harness to
+    each kernel's source; for the CPU's Triton (``--device triton``) torch 2.13 writes that
+    harness's imports indented, and the kernel's module fails to import. The estimate, no harness."""
+    from torch._inductor import config
+    from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.utils import IndentedBuffer
+
+    kernels = [TritonKernel]
+    try:
+        from torch._inductor.codegen.triton_combo_kernel import ComboKernel
+
+        kernels.append(ComboKernel)
+    except ImportError:  # a torch without combo kernels
+        pass
+    for kernel in kernels:
+        kernel.imports_for_benchmark_kernel = lambda self: ""
+        kernel.codegen_kernel_benchmark = lambda self, num_gb=None: IndentedBuffer()
+    config.benchmark_kernel = True
+
+
+KERNEL_SOURCE = re.compile(r"^(\w+) = async_compile\.triton\('\w+', '''(.*?)'''", re.M | re.S)
+
+
+def launched_bytes(code: str) -> tuple:
+    """(bytes, launches without an estimate, launches of kernels that loop over their reduction
+    more than once) of one graph's Triton launches, by each kernel's ``kernel_num_gb``."""
+    sources = dict(KERNEL_SOURCE.findall(code))
+    total, unknown, looped = 0.0, 0, 0
+    for name in re.findall(r"^\s*(\w+)\.run\(", code, re.M):
+        source = sources.get(name, "")
+        found = re.search(r"'kernel_num_gb': ([0-9.eE+-]+)", source)
+        if found:
+            total += float(found.group(1)) * 1e9
+        else:
+            unknown += 1
+        looped += len(re.findall(r"^\s*for r\d_offset in ", source, re.M)) > 1
+    return total, unknown, looped
+
+
+def eager_bytes(call) -> tuple:
+    """(bytes, ops, (op, bytes) from the most) of the ops ``call`` runs outside the compiled graphs'
+    Triton kernels: each op's tensors in and out, views and allocations left out; an op so counted
+    is about one kernel launch on a GPU. Dynamo refuses to compile under a dispatch mode unless the
+    mode ignores compiled code; this one does, so the graphs are compiled as without it, and
+    launched_bytes counts their kernels. The mode is on while a compiled graph runs, and sees the
+    ops its wrapper calls beside its Triton kernels (extern kernels: MasKD's matrix products, a
+    batch norm), real traffic those kernels' estimates leave out. A read of a scalar to the host
+    (``.item()``, the loss's one device read) is a copy, not a kernel: not counted; the wrapper of
+    the CPU's Triton code makes dozens of them, for sizes a GPU's wrapper holds as integers."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Traffic(TorchDispatchMode):
+        @classmethod
+        def ignore_compile_internals(cls):
+            return True
+
+        def __init__(self):
+            super().__init__()
+            self.per_op = {}
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and not func.__name__.startswith(("empty", "_local_scalar_dense")):
+                moved = sum(x.numel() * x.element_size() for x in tree_leaves((args, kwargs, out))
+                            if isinstance(x, torch.Tensor))
+                name = func.__name__.split(".")[0]
+                self.per_op[name] = self.per_op.get(name, 0) + moved
+                self.ops += 1
+            return out
+
+    with Traffic() as traffic:
+        call()
+    ranked = sorted(traffic.per_op.items(), key=lambda item: -item[1])
+    return sum(traffic.per_op.values()), traffic.ops, ranked
+
+
+def print_bytes(configurations: list, device: str, shapes: list, kernel: str) -> int:
+    """A row per configuration: the compiled graphs' launches and traffic, the ops outside them and
+    their traffic, and the floor of the whole at an H100's bandwidth."""
+    print(f"| base, factor, Avatars | launches | compiled graphs, MB | launches looping twice or more "
+          f"| ops outside them | their MB (most) | total, MB | floor at {H100_BANDWIDTH / 1e12:.2f} TB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for configuration in configurations:
+        base, factor, avatars = configuration.split("/")
+        codes, again = codes_of_one_call(base, factor, int(avatars), device, shapes, kernel)
+        per_graph = [launched_bytes(code) for code in codes]
+        compiled = sum(moved for moved, _, _ in per_graph)
+        unknown = sum(n for _, n, _ in per_graph)
+        outside, ops, ranked = eager_bytes(again)
+        most = ", ".join(f"{name} {moved / 1e6:.0f}" for name, moved in ranked[:3] if moved >= 1e5) or "-"
+        unestimated = f" ({unknown} launches without an estimate)" if unknown else ""
+        total = compiled + outside
+        print(f"| {base}, {factor}, {avatars} | {sum(units(code) for code in codes)} | {compiled / 1e6:.1f}{unestimated} "
+              f"| {sum(n for _, _, n in per_graph)} | {ops} | {outside / 1e6:.1f} ({most}) | {total / 1e6:.1f} "
+              f"| {total / H100_BANDWIDTH * 1e6:.0f} us |", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -75,6 +203,9 @@ def main(argv=None) -> int:
                         help="--device triton: inductor's heuristics see an H100's 132 multiprocessors, not the CPU's cores")
     parser.add_argument("--kernel", default="compiled",
                         help="compiled[:LAYOUT][+combo], as bench/core_losses.py's --avatar-kernels takes it")
+    parser.add_argument("--bytes", action="store_true",
+                        help="--device triton: each call's memory traffic (inductor's estimate per kernel, the ops outside "
+                             "the compiled graphs by a dispatch mode) and its floor at an H100's bandwidth")
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     args = parser.parse_args(argv)
     # a graph served from inductor's cache brings no code to count
@@ -92,11 +223,15 @@ def main(argv=None) -> int:
         if args.no_run:
             triton_interpret.without_running()
         args.device = "cpu"  # the tensors' device; the code is Triton's all the same
-    elif args.no_run or args.gpu_properties:
-        parser.error("--no-run and --gpu-properties go with --device triton")
+    elif args.no_run or args.gpu_properties or args.bytes:
+        parser.error("--no-run, --gpu-properties and --bytes go with --device triton")
+    if args.bytes:
+        estimate_kernel_bytes()
     from loss_pieces import SHAPES
 
     shapes = SHAPES[args.shapes]
+    if args.bytes:
+        return print_bytes(args.configurations, args.device, shapes, args.kernel)
     print(f"| base, factor, Avatars | {what} per compiled graph, in compilation order "
           "(f forward, b backward, i no gradient) | total |")
     print("|---|---|---|")

@@ -84,3 +84,35 @@ def test_step_goals_judge_the_measured_rows_and_name_the_failed(tmp_path):
     assert f"compiled+combo failed: {FAILED}" in one and one.endswith("| not measured |")
     assert eight.endswith("| not met |")  # the whole interval beyond +3%
     assert "+1.0% to +1.0%" in memory and memory.endswith("| met |")
+
+
+def test_eager_traffic_counts_the_ops_outside_a_compiled_graph_and_not_those_inside():
+    import graph_loops
+    import torch
+
+    x = torch.ones(1000)
+    inside = torch.compile(lambda t: (t * 2).sin().cos(), dynamic=False)
+    inside(x)
+    moved, ops, ranked = graph_loops.eager_bytes(lambda: (inside(x) + x).sum().item())
+    # outside the compiled graph: an add of two 1000-float tensors into a third, and their sum; the
+    # graph's kernel, its output's allocation and the read of the sum to the host are no such ops
+    assert ranked == [("add", 3 * 4000), ("sum", 4000 + 4)]
+    assert moved == 3 * 4000 + 4004 and ops == 2
+
+
+def test_launched_bytes_sums_each_launch_by_its_kernels_estimate():
+    import graph_loops
+
+    def kernel(name, loops, gb):
+        meta = f"'kernel_name': '{name}', 'kernel_num_gb': {gb}, 'backend_hash': 'x'" if gb else f"'kernel_name': '{name}'"
+        body = "".join("    for r0_offset in range(0, r0_numel, R0_BLOCK):\n        pass\n" for _ in range(loops))
+        return f"{name} = async_compile.triton('{name}', '''\n@triton_heuristics.reduction(\n    inductor_meta={{{meta}}},\n)\n" \
+               f"@triton.jit\ndef {name}(in_ptr0):\n{body}''', device_str='cuda')\n"
+
+    code = (kernel("triton_red_a", 2, "0.25") + kernel("triton_poi_b", 0, "1e-3") + kernel("triton_poi_c", 0, None)
+            + "def call(args):\n        triton_red_a.run(buf0, stream=stream0)\n        triton_red_a.run(buf1, stream=stream0)\n"
+            + "        triton_poi_b.run(buf2, stream=stream0)\n        triton_poi_c.run(buf3, stream=stream0)\n")
+    moved, unestimated, looped = graph_loops.launched_bytes(code)
+    assert moved == pytest.approx(2 * 0.25e9 + 1e6)
+    assert unestimated == 1 and looped == 2
+    assert graph_loops.units(code) == 4
