@@ -116,19 +116,24 @@ KERNEL_SOURCE = re.compile(r"^(\w+) = async_compile\.triton\('\w+', '''(.*?)'''"
 
 
 def launched_bytes(code: str) -> tuple:
-    """(bytes, launches without an estimate, launches of kernels that loop over their reduction
-    more than once) of one graph's Triton launches, by each kernel's ``kernel_num_gb``."""
+    """(bytes, bytes if each loop over the reduction read the kernel's buffers again, launches
+    without an estimate, launches of kernels that loop over their reduction more than once) of one
+    graph's Triton launches, by each kernel's ``kernel_num_gb``. The second is an upper bound: a
+    kernel's later loop reads some of its inputs again (a softmax's max, then its sum), not all,
+    and writes its outputs once."""
     sources = dict(KERNEL_SOURCE.findall(code))
-    total, unknown, looped = 0.0, 0, 0
+    total, reread, unknown, looped = 0.0, 0.0, 0, 0
     for name in re.findall(r"^\s*(\w+)\.run\(", code, re.M):
         source = sources.get(name, "")
         found = re.search(r"'kernel_num_gb': ([0-9.eE+-]+)", source)
+        loops = len(re.findall(r"^\s*for r\d_offset in ", source, re.M))
         if found:
             total += float(found.group(1)) * 1e9
+            reread += float(found.group(1)) * 1e9 * max(loops, 1)
         else:
             unknown += 1
-        looped += len(re.findall(r"^\s*for r\d_offset in ", source, re.M)) > 1
-    return total, unknown, looped
+        looped += loops > 1
+    return total, reread, unknown, looped
 
 
 def eager_bytes(call) -> tuple:
@@ -175,21 +180,25 @@ def print_bytes(configurations: list, device: str, shapes: list, kernel: str) ->
     """A row per configuration: the compiled graphs' launches and traffic, the ops outside them and
     their traffic, and the floor of the whole at an H100's bandwidth."""
     print(f"| base, factor, Avatars | launches | compiled graphs, MB | launches looping twice or more "
-          f"| ops outside them | their MB (most) | total, MB | floor at {H100_BANDWIDTH / 1e12:.2f} TB/s |")
+          f"| ops outside them | their MB (most) | total, MB | floor at {H100_BANDWIDTH / 1e12:.2f} TB/s "
+          "(if each loop read again) |")
     print("|---|---|---|---|---|---|---|---|")
     for configuration in configurations:
         base, factor, avatars = configuration.split("/")
         codes, again = codes_of_one_call(base, factor, int(avatars), device, shapes, kernel)
         per_graph = [launched_bytes(code) for code in codes]
-        compiled = sum(moved for moved, _, _ in per_graph)
-        unknown = sum(n for _, n, _ in per_graph)
+        compiled = sum(moved for moved, _, _, _ in per_graph)
+        reread = sum(moved for _, moved, _, _ in per_graph)
+        unknown = sum(n for _, _, n, _ in per_graph)
         outside, ops, ranked = eager_bytes(again)
         most = ", ".join(f"{name} {moved / 1e6:.0f}" for name, moved in ranked[:3] if moved >= 1e5) or "-"
         unestimated = f" ({unknown} launches without an estimate)" if unknown else ""
         total = compiled + outside
+        upper = (f" (to {(reread + outside) / 1e6:.0f} MB, {(reread + outside) / H100_BANDWIDTH * 1e6:.0f} us)"
+                 if reread > compiled else "")
         print(f"| {base}, {factor}, {avatars} | {sum(units(code) for code in codes)} | {compiled / 1e6:.1f}{unestimated} "
-              f"| {sum(n for _, _, n in per_graph)} | {ops} | {outside / 1e6:.1f} ({most}) | {total / 1e6:.1f} "
-              f"| {total / H100_BANDWIDTH * 1e6:.0f} us |", flush=True)
+              f"| {sum(n for _, _, _, n in per_graph)} | {ops} | {outside / 1e6:.1f} ({most}) | {total / 1e6:.1f} "
+              f"| {total / H100_BANDWIDTH * 1e6:.0f} us{upper} |", flush=True)
     return 0
 
 

@@ -112,7 +112,8 @@ def test_launched_bytes_sums_each_launch_by_its_kernels_estimate():
     code = (kernel("triton_red_a", 2, "0.25") + kernel("triton_poi_b", 0, "1e-3") + kernel("triton_poi_c", 0, None)
             + "def call(args):\n        triton_red_a.run(buf0, stream=stream0)\n        triton_red_a.run(buf1, stream=stream0)\n"
             + "        triton_poi_b.run(buf2, stream=stream0)\n        triton_poi_c.run(buf3, stream=stream0)\n")
-    moved, unestimated, looped = graph_loops.launched_bytes(code)
+    moved, reread, unestimated, looped = graph_loops.launched_bytes(code)
     assert moved == pytest.approx(2 * 0.25e9 + 1e6)
+    assert reread == pytest.approx(2 * 2 * 0.25e9 + 1e6)
     assert unestimated == 1 and looped == 2
     assert graph_loops.units(code) == 4
