@@ -117,3 +117,16 @@ def test_launched_bytes_sums_each_launch_by_its_kernels_estimate():
     assert reread == pytest.approx(2 * 2 * 0.25e9 + 1e6)
     assert unestimated == 1 and looped == 2
     assert graph_loops.units(code) == 4
+
+
+def test_profile_sets_the_gpus_busy_time_beside_the_wall_time():
+    from types import SimpleNamespace
+
+    import profile_core
+
+    # two kernels' events and a CPU op's (no device time of its own), over 4 steps of 10 ms wall each
+    averages = [SimpleNamespace(self_device_time_total=6000.0), SimpleNamespace(self_device_time_total=2000.0),
+                SimpleNamespace(self_device_time_total=0.0)]
+    line = profile_core.busy_line(0.040, averages, 4, cuda=True)
+    assert line == "per step: wall 10.00 ms under the profiler, GPU busy 2.00 ms (20% of the wall time)"
+    assert profile_core.busy_line(0.040, averages, 4, cuda=False) == "per step: wall 10.00 ms under the profiler"
