@@ -32,7 +32,9 @@ per kernel (each buffer a kernel reads or writes counted once: a kernel that loo
 reduction twice reads its input twice but is counted once, and such launches are counted beside
 it), the ops outside the compiled graphs by a dispatch mode (each op's tensors in and out).
 ``base/factor/0`` is the plain loss, none of it compiled. The floor: the traffic at an H100 SXM's
-nominal 3.35 TB/s.
+nominal 3.35 TB/s. Without ``--no-run`` the kernels run under the interpreter, and what their
+programs load and store is counted too (``ProgramTraffic``: no reuse between programs, an upper
+bound; the tiny maps).
 
     python bench/graph_loops.py --device triton --shapes r50 --no-run --gpu-properties --bytes mse/release/0 mse/release/8
 
@@ -42,6 +44,7 @@ two commits' counts side by side. Compiles each configuration (minutes on the CP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -176,13 +179,62 @@ def eager_bytes(call) -> tuple:
     return sum(traffic.per_op.values()), traffic.ops, ranked
 
 
-def print_bytes(configurations: list, device: str, shapes: list, kernel: str) -> int:
+@contextlib.contextmanager
+def not_running():
+    """Triton's interpreter launches nothing inside (as ``--no-run``; the values are garbage)."""
+    from triton.runtime import interpreter
+
+    saved = interpreter.GridExecutor.__call__
+    interpreter.GridExecutor.__call__ = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        interpreter.GridExecutor.__call__ = saved
+
+
+class ProgramTraffic:
+    """The bytes the kernels' programs load and store as Triton's interpreter runs them: per load or
+    store of one program, its distinct addresses. No reuse between programs is assumed, so where
+    programs read the same data (a map read once per Avatar, each in its own programs) each read
+    counts: an upper bound where inductor's estimate (each buffer once per kernel) is a lower one.
+    Runs the kernels (not with ``--no-run``): the tiny maps, in minutes."""
+
+    def __enter__(self):
+        import numpy as np
+        from triton.runtime import interpreter
+
+        self.bytes = 0
+        builder = interpreter.InterpreterBuilder
+        self._saved = load, store = builder.create_masked_load, builder.create_masked_store
+
+        def distinct(ptrs, mask) -> int:
+            return np.unique(np.broadcast_to(ptrs.data, mask.data.shape)[mask.data]).size
+
+        def counted_load(this, ptrs, mask, *rest):
+            size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+            self.bytes += distinct(ptrs, mask) * size
+            return load(this, ptrs, mask, *rest)
+
+        def counted_store(this, ptrs, value, mask, *rest):
+            self.bytes += distinct(ptrs, mask) * value.data.dtype.itemsize
+            return store(this, ptrs, value, mask, *rest)
+
+        builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+        return self
+
+    def __exit__(self, *_):
+        from triton.runtime import interpreter
+
+        interpreter.InterpreterBuilder.create_masked_load, interpreter.InterpreterBuilder.create_masked_store = self._saved
+
+
+def print_bytes(configurations: list, device: str, shapes: list, kernel: str, run: bool = False) -> int:
     """A row per configuration: the compiled graphs' launches and traffic, the ops outside them and
     their traffic, and the floor of the whole at an H100's bandwidth."""
     print(f"| base, factor, Avatars | launches | compiled graphs, MB | launches looping twice or more "
           f"| ops outside them | their MB (most) | total, MB | floor at {H100_BANDWIDTH / 1e12:.2f} TB/s "
-          "(if each loop read again) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "(if each loop read again) |" + (" kernels' programs, MB (no reuse between programs) | its floor |" if run else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if run else ""))
     for configuration in configurations:
         base, factor, avatars = configuration.split("/")
         codes, again = codes_of_one_call(base, factor, int(avatars), device, shapes, kernel)
@@ -190,7 +242,13 @@ def print_bytes(configurations: list, device: str, shapes: list, kernel: str) ->
         compiled = sum(moved for moved, _, _, _ in per_graph)
         reread = sum(moved for _, moved, _, _ in per_graph)
         unknown = sum(n for _, _, n, _ in per_graph)
-        outside, ops, ranked = eager_bytes(again)
+        if run:
+            with ProgramTraffic() as programs:
+                again()
+        # the interpreter's own torch calls (the kernels' arguments to numpy and back) are no
+        # kernels: the ops outside are counted with the kernels not run
+        with not_running():
+            outside, ops, ranked = eager_bytes(again)
         most = ", ".join(f"{name} {moved / 1e6:.0f}" for name, moved in ranked[:3] if moved >= 1e5) or "-"
         unestimated = f" ({unknown} launches without an estimate)" if unknown else ""
         total = compiled + outside
@@ -198,7 +256,9 @@ def print_bytes(configurations: list, device: str, shapes: list, kernel: str) ->
                  if reread > compiled else "")
         print(f"| {base}, {factor}, {avatars} | {sum(units(code) for code in codes)} | {compiled / 1e6:.1f}{unestimated} "
               f"| {sum(n for _, _, _, n in per_graph)} | {ops} | {outside / 1e6:.1f} ({most}) | {total / 1e6:.1f} "
-              f"| {total / H100_BANDWIDTH * 1e6:.0f} us{upper} |", flush=True)
+              f"| {total / H100_BANDWIDTH * 1e6:.0f} us{upper} |"
+              + (f" {programs.bytes / 1e6:.1f} | {(programs.bytes + outside) / H100_BANDWIDTH * 1e6:.0f} us |" if run else ""),
+              flush=True)
     return 0
 
 
@@ -240,7 +300,7 @@ def main(argv=None) -> int:
 
     shapes = SHAPES[args.shapes]
     if args.bytes:
-        return print_bytes(args.configurations, args.device, shapes, args.kernel)
+        return print_bytes(args.configurations, args.device, shapes, args.kernel, run=not args.no_run)
     print(f"| base, factor, Avatars | {what} per compiled graph, in compilation order "
           "(f forward, b backward, i no gradient) | total |")
     print("|---|---|---|")

@@ -1,8 +1,11 @@
 """The benchmarks' handling of a configuration that fails: it is named in the tables and the goals'
 verdicts, and the other configurations are still measured. A GPU session has minutes of device
 time, and one configuration that failed to compile (MasKD, 1 Avatar, inductor's combo kernels) would
-otherwise have ended every row after it."""
+otherwise have ended every row after it. And the counts the benchmarks make without a GPU: a loss
+call's memory traffic (bench/graph_loops.py --bytes), a profile's busy time (bench/profile_core.py)."""
+import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,3 +133,51 @@ def test_profile_sets_the_gpus_busy_time_beside_the_wall_time():
     line = profile_core.busy_line(0.040, averages, 4, cuda=True)
     assert line == "per step: wall 10.00 ms under the profiler, GPU busy 2.00 ms (20% of the wall time)"
     assert profile_core.busy_line(0.040, averages, 4, cuda=False) == "per step: wall 10.00 ms under the profiler"
+
+
+PROGRAM_TRAFFIC = '''
+import sys
+sys.path.insert(0, "bench")
+import torch
+import triton
+import triton.language as tl
+
+import graph_loops
+
+
+@triton.jit
+def copy(src, dst, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(dst + offsets, tl.load(src + offsets, mask=mask), mask=mask)
+
+
+@triton.jit
+def row_sums(src, dst, BLOCK: tl.constexpr):
+    row = tl.load(src + tl.arange(0, BLOCK))
+    tl.store(dst + tl.program_id(0), tl.sum(row, 0))
+
+
+x, y = torch.arange(1000.0), torch.empty(1000)
+with graph_loops.ProgramTraffic() as copied:
+    copy[(4,)](x, y, 1000, BLOCK=256)
+sums = torch.empty(3)
+with graph_loops.ProgramTraffic() as summed:
+    row_sums[(3,)](x, sums, BLOCK=256)
+assert torch.equal(y, x) and torch.allclose(sums, x[:256].sum().expand(3))
+print(copied.bytes, summed.bytes)
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_program_traffic_counts_each_programs_reads_and_writes():
+    from conftest import REPO, child_env
+
+    result = subprocess.run([sys.executable, "-c", PROGRAM_TRAFFIC], cwd=REPO, env=child_env(TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    copied, summed = map(int, result.stdout.split())
+    # four programs copy 1000 floats, the last one masked past the end: each byte read once, written once
+    assert copied == 2 * 4000
+    # three programs read the same 256 floats (no reuse between programs: three reads) and write a float each
+    assert summed == 3 * 1024 + 3 * 4
