@@ -48,6 +48,8 @@ import contextlib
 import os
 import re
 import sys
+from typing import NamedTuple
+
 
 def units(code: str) -> int:
     """Loop nests (CPU: each top-level ``#pragma omp for/single`` of the kernel sources) or Triton
@@ -118,37 +120,46 @@ def estimate_kernel_bytes():
 KERNEL_SOURCE = re.compile(r"^(\w+) = async_compile\.triton\('\w+', '''(.*?)'''", re.M | re.S)
 
 
-def launched_bytes(code: str) -> tuple:
-    """(bytes, bytes if each loop over the reduction read the kernel's buffers again, launches
-    without an estimate, launches of kernels that loop over their reduction more than once) of one
-    graph's Triton launches, by each kernel's ``kernel_num_gb``. The second is an upper bound: a
-    kernel's later loop reads some of its inputs again (a softmax's max, then its sum), not all,
-    and writes its outputs once."""
+SMALL_LAUNCH = 1e6  # bytes: under 0.3 us at an H100's bandwidth, a tenth of a launch's own latency
+
+
+class Launched(NamedTuple):
+    """One graph's Triton launches, by each kernel's ``kernel_num_gb``. ``reread``: the bytes if
+    each loop over a kernel's reduction read its buffers again, an upper bound (a later loop reads
+    some inputs again, a softmax's max then its sum, not all, and writes its outputs once)."""
+    bytes: float = 0.0
+    reread: float = 0.0
+    unestimated: int = 0  # launches of kernels without an estimate
+    looped: int = 0  # launches of kernels that loop over their reduction more than once
+    small: int = 0  # launches moving under SMALL_LAUNCH: bound by their latency, not by memory
+
+    def __add__(self, other):
+        return Launched(*(a + b for a, b in zip(self, other)))
+
+
+def launched_bytes(code: str) -> Launched:
     sources = dict(KERNEL_SOURCE.findall(code))
-    total, reread, unknown, looped = 0.0, 0.0, 0, 0
+    total = Launched()
     for name in re.findall(r"^\s*(\w+)\.run\(", code, re.M):
         source = sources.get(name, "")
         found = re.search(r"'kernel_num_gb': ([0-9.eE+-]+)", source)
         loops = len(re.findall(r"^\s*for r\d_offset in ", source, re.M))
-        if found:
-            total += float(found.group(1)) * 1e9
-            reread += float(found.group(1)) * 1e9 * max(loops, 1)
-        else:
-            unknown += 1
-        looped += loops > 1
-    return total, reread, unknown, looped
+        moved = float(found.group(1)) * 1e9 if found else 0.0
+        total += Launched(moved, moved * max(loops, 1), int(not found), int(loops > 1), int(bool(found) and moved < SMALL_LAUNCH))
+    return total
 
 
 def eager_bytes(call) -> tuple:
-    """(bytes, ops, (op, bytes) from the most) of the ops ``call`` runs outside the compiled graphs'
-    Triton kernels: each op's tensors in and out, views and allocations left out; an op so counted
-    is about one kernel launch on a GPU. Dynamo refuses to compile under a dispatch mode unless the
-    mode ignores compiled code; this one does, so the graphs are compiled as without it, and
-    launched_bytes counts their kernels. The mode is on while a compiled graph runs, and sees the
-    ops its wrapper calls beside its Triton kernels (extern kernels: MasKD's matrix products, a
-    batch norm), real traffic those kernels' estimates leave out. A read of a scalar to the host
-    (``.item()``, the loss's one device read) is a copy, not a kernel: not counted; the wrapper of
-    the CPU's Triton code makes dozens of them, for sizes a GPU's wrapper holds as integers."""
+    """(bytes, ops, ops moving under SMALL_LAUNCH, (op, bytes) from the most) of the ops ``call``
+    runs outside the compiled graphs' Triton kernels: each op's tensors in and out, views and
+    allocations left out; an op so counted is about one kernel launch on a GPU. Dynamo refuses to
+    compile under a dispatch mode unless the mode ignores compiled code; this one does, so the
+    graphs are compiled as without it, and launched_bytes counts their kernels. The mode is on while
+    a compiled graph runs, and sees the ops its wrapper calls beside its Triton kernels (extern
+    kernels: MasKD's matrix products, a batch norm), real traffic those kernels' estimates leave
+    out. A read of a scalar to the host (``.item()``, the loss's one device read) is a copy, not a
+    kernel: not counted; the wrapper of the CPU's Triton code makes dozens of them, for sizes a
+    GPU's wrapper holds as integers."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -161,7 +172,7 @@ def eager_bytes(call) -> tuple:
         def __init__(self):
             super().__init__()
             self.per_op = {}
-            self.ops = 0
+            self.ops = self.small = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -171,12 +182,13 @@ def eager_bytes(call) -> tuple:
                 name = func.__name__.split(".")[0]
                 self.per_op[name] = self.per_op.get(name, 0) + moved
                 self.ops += 1
+                self.small += moved < SMALL_LAUNCH
             return out
 
     with Traffic() as traffic:
         call()
     ranked = sorted(traffic.per_op.items(), key=lambda item: -item[1])
-    return sum(traffic.per_op.values()), traffic.ops, ranked
+    return sum(traffic.per_op.values()), traffic.ops, traffic.small, ranked
 
 
 @contextlib.contextmanager
@@ -231,32 +243,32 @@ class ProgramTraffic:
 def print_bytes(configurations: list, device: str, shapes: list, kernel: str, run: bool = False) -> int:
     """A row per configuration: the compiled graphs' launches and traffic, the ops outside them and
     their traffic, and the floor of the whole at an H100's bandwidth."""
-    print(f"| base, factor, Avatars | launches | compiled graphs, MB | launches looping twice or more "
-          f"| ops outside them | their MB (most) | total, MB | floor at {H100_BANDWIDTH / 1e12:.2f} TB/s "
-          "(if each loop read again) |" + (" kernels' programs, MB (no reuse between programs) | its floor |" if run else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if run else ""))
+    small = f"{SMALL_LAUNCH / 1e6:.0f} MB"
+    print(f"| base, factor, Avatars | launches | of them under {small} | compiled graphs, MB | launches looping twice or more "
+          f"| ops outside them (under {small}) | their MB (most) | total, MB "
+          f"| floor at {H100_BANDWIDTH / 1e12:.2f} TB/s (if each loop read again) |"
+          + (" kernels' programs, MB (no reuse between programs) | its floor |" if run else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if run else ""))
     for configuration in configurations:
         base, factor, avatars = configuration.split("/")
         codes, again = codes_of_one_call(base, factor, int(avatars), device, shapes, kernel)
-        per_graph = [launched_bytes(code) for code in codes]
-        compiled = sum(moved for moved, _, _, _ in per_graph)
-        reread = sum(moved for _, moved, _, _ in per_graph)
-        unknown = sum(n for _, _, n, _ in per_graph)
+        launched = sum((launched_bytes(code) for code in codes), Launched())
+        compiled, reread, unknown = launched.bytes, launched.reread, launched.unestimated
         if run:
             with ProgramTraffic() as programs:
                 again()
         # the interpreter's own torch calls (the kernels' arguments to numpy and back) are no
         # kernels: the ops outside are counted with the kernels not run
         with not_running():
-            outside, ops, ranked = eager_bytes(again)
+            outside, ops, small, ranked = eager_bytes(again)
         most = ", ".join(f"{name} {moved / 1e6:.0f}" for name, moved in ranked[:3] if moved >= 1e5) or "-"
         unestimated = f" ({unknown} launches without an estimate)" if unknown else ""
         total = compiled + outside
         upper = (f" (to {(reread + outside) / 1e6:.0f} MB, {(reread + outside) / H100_BANDWIDTH * 1e6:.0f} us)"
                  if reread > compiled else "")
-        print(f"| {base}, {factor}, {avatars} | {sum(units(code) for code in codes)} | {compiled / 1e6:.1f}{unestimated} "
-              f"| {sum(n for _, _, _, n in per_graph)} | {ops} | {outside / 1e6:.1f} ({most}) | {total / 1e6:.1f} "
-              f"| {total / H100_BANDWIDTH * 1e6:.0f} us{upper} |"
+        print(f"| {base}, {factor}, {avatars} | {sum(units(code) for code in codes)} | {launched.small} "
+              f"| {compiled / 1e6:.1f}{unestimated} | {launched.looped} | {ops} ({small}) | {outside / 1e6:.1f} ({most}) "
+              f"| {total / 1e6:.1f} | {total / H100_BANDWIDTH * 1e6:.0f} us{upper} |"
               + (f" {programs.bytes / 1e6:.1f} | {(programs.bytes + outside) / H100_BANDWIDTH * 1e6:.0f} us |" if run else ""),
               flush=True)
     return 0

@@ -96,11 +96,11 @@ def test_eager_traffic_counts_the_ops_outside_a_compiled_graph_and_not_those_ins
     x = torch.ones(1000)
     inside = torch.compile(lambda t: (t * 2).sin().cos(), dynamic=False)
     inside(x)
-    moved, ops, ranked = graph_loops.eager_bytes(lambda: (inside(x) + x).sum().item())
+    moved, ops, small, ranked = graph_loops.eager_bytes(lambda: (inside(x) + x).sum().item())
     # outside the compiled graph: an add of two 1000-float tensors into a third, and their sum; the
     # graph's kernel, its output's allocation and the read of the sum to the host are no such ops
     assert ranked == [("add", 3 * 4000), ("sum", 4000 + 4)]
-    assert moved == 3 * 4000 + 4004 and ops == 2
+    assert moved == 3 * 4000 + 4004 and ops == 2 and small == 2
 
 
 def test_launched_bytes_sums_each_launch_by_its_kernels_estimate():
@@ -115,10 +115,12 @@ def test_launched_bytes_sums_each_launch_by_its_kernels_estimate():
     code = (kernel("triton_red_a", 2, "0.25") + kernel("triton_poi_b", 0, "1e-3") + kernel("triton_poi_c", 0, None)
             + "def call(args):\n        triton_red_a.run(buf0, stream=stream0)\n        triton_red_a.run(buf1, stream=stream0)\n"
             + "        triton_poi_b.run(buf2, stream=stream0)\n        triton_poi_c.run(buf3, stream=stream0)\n")
-    moved, reread, unestimated, looped = graph_loops.launched_bytes(code)
-    assert moved == pytest.approx(2 * 0.25e9 + 1e6)
-    assert reread == pytest.approx(2 * 2 * 0.25e9 + 1e6)
-    assert unestimated == 1 and looped == 2
+    launched = graph_loops.launched_bytes(code)
+    assert launched.bytes == pytest.approx(2 * 0.25e9 + 1e6)
+    assert launched.reread == pytest.approx(2 * 2 * 0.25e9 + 1e6)
+    assert launched.unestimated == 1 and launched.looped == 2
+    assert launched.small == 0  # 1 MB is not under 1 MB
+    assert graph_loops.launched_bytes(code.replace("1e-3", "9e-4")).small == 1
     assert graph_loops.units(code) == 4
 
 
