@@ -260,14 +260,14 @@ def print_bytes(configurations: list, device: str, shapes: list, kernel: str, ru
         # the interpreter's own torch calls (the kernels' arguments to numpy and back) are no
         # kernels: the ops outside are counted with the kernels not run
         with not_running():
-            outside, ops, small, ranked = eager_bytes(again)
+            outside, ops, small_ops, ranked = eager_bytes(again)
         most = ", ".join(f"{name} {moved / 1e6:.0f}" for name, moved in ranked[:3] if moved >= 1e5) or "-"
         unestimated = f" ({unknown} launches without an estimate)" if unknown else ""
         total = compiled + outside
         upper = (f" (to {(reread + outside) / 1e6:.0f} MB, {(reread + outside) / H100_BANDWIDTH * 1e6:.0f} us)"
                  if reread > compiled else "")
         print(f"| {base}, {factor}, {avatars} | {sum(units(code) for code in codes)} | {launched.small} "
-              f"| {compiled / 1e6:.1f}{unestimated} | {launched.looped} | {ops} ({small}) | {outside / 1e6:.1f} ({most}) "
+              f"| {compiled / 1e6:.1f}{unestimated} | {launched.looped} | {ops} ({small_ops}) | {outside / 1e6:.1f} ({most}) "
               f"| {total / 1e6:.1f} | {total / H100_BANDWIDTH * 1e6:.0f} us{upper} |"
               + (f" {programs.bytes / 1e6:.1f} | {(programs.bytes + outside) / H100_BANDWIDTH * 1e6:.0f} us |" if run else ""),
               flush=True)
