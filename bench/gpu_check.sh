@@ -24,6 +24,7 @@
 #                                                   # carry it); written to core_<factor>_<folder name>.json
 #   TESTS_K="other_layout or dropout_masks" PARTS=tests ...              # these CUDA tests (pytest -k) instead
 #   PARTS=graphs GRAPHS="mse/release/8 maskd/release/8" bash bench/gpu_check.sh   # Triton launches per compiled graph
+#   PARTS=graphs GRAPHS_BYTES=1 GRAPHS="mse/release/0 mse/release/8" ...   # their memory traffic and its floor instead
 #   PARTS=profile PROFILE_BASE=maskd PROFILE_FACTOR=release PROFILES="1:loop 8:compiled 8:compiled:unrolled" bash bench/gpu_check.sh
 #
 # On an H100 (2026-11-27, commit a0632e4) the parts took: tests 225 s (22 tests, most of it
@@ -125,7 +126,9 @@ part_host() {
 
 part_graphs() {
   part_start "kernel launches per compiled graph of one loss call (bench/graph_loops.py): ${GRAPHS:-mse/release/8 cwd/paper/8}"
-  timeout "$(limit "${GRAPHS_LIMIT:-240}")" $PY bench/graph_loops.py --device cuda ${GRAPHS:-mse/release/8 cwd/paper/8} 2>> "$ERR" | tee -a "$LOG"
+  # GRAPHS_BYTES=1: each call's memory traffic and its floor instead (graph_loops.py --bytes)
+  timeout "$(limit "${GRAPHS_LIMIT:-240}")" $PY bench/graph_loops.py --device cuda ${GRAPHS_BYTES:+--bytes} \
+      ${GRAPHS:-mse/release/8 cwd/paper/8} 2>> "$ERR" | tee -a "$LOG"
   part_end "${PIPESTATUS[0]}"
 }
 

@@ -26,7 +26,7 @@ place), where a GPU may write a cat of up to 8 pointwise inputs in one kernel.
 ``--kernel compiled+combo``: the passes compiled with inductor's combo kernels (``fused.COMBO_KERNELS``),
 ``compiled:stacked`` or ``compiled:unrolled`` one layout for every pass (as bench/core_losses.py).
 
-``--bytes`` (with ``--device triton``): the memory traffic of one loss call, a floor on its GPU time
+``--bytes`` (with ``--device triton``, or ``cuda`` on a GPU): the memory traffic of one loss call, a floor on its GPU time
 that launches and host work do not enter. The compiled graphs' launches by inductor's own estimate
 per kernel (each buffer a kernel reads or writes counted once: a kernel that loops over its
 reduction twice reads its input twice but is counted once, and such launches are counted beside
@@ -240,9 +240,12 @@ class ProgramTraffic:
         interpreter.InterpreterBuilder.create_masked_load, interpreter.InterpreterBuilder.create_masked_store = self._saved
 
 
-def print_bytes(configurations: list, device: str, shapes: list, kernel: str, run: bool = False) -> int:
+def print_bytes(configurations: list, device: str, shapes: list, kernel: str, interpreted: bool = True,
+                run: bool = False) -> int:
     """A row per configuration: the compiled graphs' launches and traffic, the ops outside them and
-    their traffic, and the floor of the whole at an H100's bandwidth."""
+    their traffic, and the floor of the whole at an H100's bandwidth. ``interpreted``: the kernels
+    are Triton's interpreter's (``--device triton``), not a GPU's; ``run``: they run under it, and
+    what their programs load and store is counted too."""
     small = f"{SMALL_LAUNCH / 1e6:.0f} MB"
     print(f"| base, factor, Avatars | launches | of them under {small} | compiled graphs, MB | launches looping twice or more "
           f"| ops outside them (under {small}) | their MB (most) | total, MB "
@@ -259,7 +262,7 @@ def print_bytes(configurations: list, device: str, shapes: list, kernel: str, ru
                 again()
         # the interpreter's own torch calls (the kernels' arguments to numpy and back) are no
         # kernels: the ops outside are counted with the kernels not run
-        with not_running():
+        with not_running() if interpreted else contextlib.nullcontext():
             outside, ops, small_ops, ranked = eager_bytes(again)
         most = ", ".join(f"{name} {moved / 1e6:.0f}" for name, moved in ranked[:3] if moved >= 1e5) or "-"
         unestimated = f" ({unknown} launches without an estimate)" if unknown else ""
@@ -285,15 +288,16 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", default="compiled",
                         help="compiled[:LAYOUT][+combo], as bench/core_losses.py's --avatar-kernels takes it")
     parser.add_argument("--bytes", action="store_true",
-                        help="--device triton: each call's memory traffic (inductor's estimate per kernel, the ops outside "
-                             "the compiled graphs by a dispatch mode) and its floor at an H100's bandwidth")
+                        help="--device triton or cuda: each call's memory traffic (inductor's estimate per kernel, "
+                             "the ops outside the compiled graphs by a dispatch mode) and its floor at an H100's bandwidth")
     parser.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     args = parser.parse_args(argv)
     # a graph served from inductor's cache brings no code to count
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     sys.path.insert(0, os.path.abspath(args.root))
     what = "loops" if args.device == "cpu" else "kernel launches"
-    if args.device == "triton":
+    interpreted = args.device == "triton"
+    if interpreted:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the generated kernels are loaded
         sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
         import triton_interpret
@@ -304,15 +308,18 @@ def main(argv=None) -> int:
         if args.no_run:
             triton_interpret.without_running()
         args.device = "cpu"  # the tensors' device; the code is Triton's all the same
-    elif args.no_run or args.gpu_properties or args.bytes:
-        parser.error("--no-run, --gpu-properties and --bytes go with --device triton")
+    elif args.no_run or args.gpu_properties:
+        parser.error("--no-run and --gpu-properties go with --device triton")
+    if args.bytes and args.device == "cpu" and not interpreted:
+        parser.error("--bytes counts Triton kernels: --device triton (no GPU) or cuda")
     if args.bytes:
         estimate_kernel_bytes()
     from loss_pieces import SHAPES
 
     shapes = SHAPES[args.shapes]
     if args.bytes:
-        return print_bytes(args.configurations, args.device, shapes, args.kernel, run=not args.no_run)
+        return print_bytes(args.configurations, args.device, shapes, args.kernel, interpreted=interpreted,
+                           run=interpreted and not args.no_run)
     print(f"| base, factor, Avatars | {what} per compiled graph, in compilation order "
           "(f forward, b backward, i no gradient) | total |")
     print("|---|---|---|")
