@@ -191,19 +191,6 @@ def eager_bytes(call) -> tuple:
     return sum(traffic.per_op.values()), traffic.ops, traffic.small, ranked
 
 
-@contextlib.contextmanager
-def not_running():
-    """Triton's interpreter launches nothing inside (as ``--no-run``; the values are garbage)."""
-    from triton.runtime import interpreter
-
-    saved = interpreter.GridExecutor.__call__
-    interpreter.GridExecutor.__call__ = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        interpreter.GridExecutor.__call__ = saved
-
-
 class ProgramTraffic:
     """The bytes the kernels' programs load and store as Triton's interpreter runs them: per load or
     store of one program, its distinct addresses. No reuse between programs is assumed, so where
@@ -246,6 +233,9 @@ def print_bytes(configurations: list, device: str, shapes: list, kernel: str, in
     their traffic, and the floor of the whole at an H100's bandwidth. ``interpreted``: the kernels
     are Triton's interpreter's (``--device triton``), not a GPU's; ``run``: they run under it, and
     what their programs load and store is counted too."""
+    if interpreted:
+        import triton_interpret  # on the path main() gave it
+    estimate_kernel_bytes()
     small = f"{SMALL_LAUNCH / 1e6:.0f} MB"
     print(f"| base, factor, Avatars | launches | of them under {small} | compiled graphs, MB | launches looping twice or more "
           f"| ops outside them (under {small}) | their MB (most) | total, MB "
@@ -262,7 +252,7 @@ def print_bytes(configurations: list, device: str, shapes: list, kernel: str, in
                 again()
         # the interpreter's own torch calls (the kernels' arguments to numpy and back) are no
         # kernels: the ops outside are counted with the kernels not run
-        with not_running() if interpreted else contextlib.nullcontext():
+        with triton_interpret.not_running() if interpreted else contextlib.nullcontext():
             outside, ops, small_ops, ranked = eager_bytes(again)
         most = ", ".join(f"{name} {moved / 1e6:.0f}" for name, moved in ranked[:3] if moved >= 1e5) or "-"
         unestimated = f" ({unknown} launches without an estimate)" if unknown else ""
@@ -312,8 +302,6 @@ def main(argv=None) -> int:
         parser.error("--no-run and --gpu-properties go with --device triton")
     if args.bytes and args.device == "cpu" and not interpreted:
         parser.error("--bytes counts Triton kernels: --device triton (no GPU) or cuda")
-    if args.bytes:
-        estimate_kernel_bytes()
     from loss_pieces import SHAPES
 
     shapes = SHAPES[args.shapes]

@@ -12,6 +12,7 @@ tests/test_triton_interpret.py runs test_fused.py's compiled cases so, in a chil
 is imported. Each patch below says why it is needed. Only one touches akd_cli: the hash takes the
 GPU's width (counter_rng.hash_bits); the others patch inductor and the interpreter.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -142,6 +143,20 @@ def without_running():
     from triton.runtime import interpreter
 
     interpreter.GridExecutor.__call__ = lambda self, *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def not_running():
+    """without_running() for the block inside only (bench/graph_loops.py: the torch calls a loss
+    makes outside its kernels, without those the interpreter makes to run them)."""
+    from triton.runtime import interpreter
+
+    saved = interpreter.GridExecutor.__call__
+    without_running()
+    try:
+        yield
+    finally:
+        interpreter.GridExecutor.__call__ = saved
 
 
 def _tree_reduce(self, input, original, tl):
